@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny synthetic kaggle_3m sets, Hydra composition, subprocess runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from tlunet.data.synthetic import write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+#: Environment variable naming the unpacked real sample (a kaggle_3m folder).
+REAL_DATA_ENV = "TLUNET_DATA_ROOT"
+
+TINY = {"num_patients": 6, "slices_per_patient": (6, 9), "image_size": 64, "seed": 1}
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny read-only synthetic kaggle_3m set (6 patients, 64x64); copy it before editing."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "kaggle_3m", **TINY)
+
+
+@pytest.fixture()
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The composed ``train`` config, as ``python -m tlunet.train`` would see it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides or [])
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600):
+    """Run ``python -m <args>`` in a subprocess, offline, with a private cache; return the result."""
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TLUNET_CACHE_DIR": str(cwd / ".tlunet-cache"),
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+#: Overrides that make a training run tiny and quiet.
+TINY_RUN = [
+    "encoder=resnet18",
+    "encoder.weights=null",
+    "data.image_size=64",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "callbacks.progress_bar=null",
+    "logger=csv",
+]
+
+
+def real_data_root() -> Path:
+    """The real sample named by TLUNET_DATA_ROOT, or skip the test."""
+    value = os.environ.get(REAL_DATA_ENV)
+    if not value:
+        pytest.skip(f"{REAL_DATA_ENV} is not set (the unpacked kaggle_3m sample)")
+    root = Path(value)
+    if not root.is_dir():
+        pytest.fail(f"{REAL_DATA_ENV}={value} is not a folder")
+    return root

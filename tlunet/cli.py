@@ -1,0 +1,37 @@
+"""Shared plumbing of the ``python -m tlunet.<command>`` entry points."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from omegaconf.errors import OmegaConfBaseException
+
+from tlunet.errors import TlunetError
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("tlunet")
+
+
+def user_errors_exit(fn: F) -> F:
+    """Turn a :class:`TlunetError` (or a config interpolation error) into one clear message on
+    stderr and exit status 1, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (TlunetError, OmegaConfBaseException) as exc:
+            kind = "configuration error" if isinstance(exc, OmegaConfBaseException) else "error"
+            message = f"tlunet {kind}: {exc}"
+            record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler):  # the run's log file keeps it too
+                    handler.handle(record)
+            print(message, file=sys.stderr)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]

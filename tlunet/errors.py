@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every mistake a user can make (a wrong path, a corrupt or mismatched file, an unknown encoder,
+an impossible config value) raises :class:`TlunetError` with a message saying what was wrong,
+where, and how to fix it. The entry points print that message alone (no traceback) and exit
+with status 1.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class TlunetError(Exception):
+    """A mistake in the user's input or configuration (not a bug in tlunet)."""
+
+
+class DataError(TlunetError):
+    """The dataset on disk is missing, incomplete or malformed."""
+
+
+class ConfigError(TlunetError):
+    """A configuration value is unknown or impossible."""
+
+
+def suggest(name: str, choices: Iterable[str], n: int = 5) -> str:
+    """Return ``" Did you mean: a, b?"`` for the closest ``choices`` to ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""

@@ -1,0 +1,256 @@
+"""Segmentation and detection metrics for binary (tumour vs background) brain-MRI slices.
+
+:class:`SegmentationMetrics` is a :class:`torchmetrics.Metric` that stores small per-slice
+statistics (pixel TP/FP/FN/TN counts, patient id, slice-level detection flags) and derives the
+whole metric vocabulary of the project from them in :meth:`SegmentationMetrics.compute`.
+Predictions are ``probs >= threshold`` (a probability of exactly ``threshold`` is positive).
+Tumour is the positive class; TP/FP/FN/TN are pixel counts summed over the whole evaluated set
+unless stated otherwise. Wherever a Dice/IoU denominator is zero (no tumour in the truth and
+none predicted) the score is defined as 1.0.
+
+Keys returned by ``compute()``:
+
+* ``dice`` = 2TP / (2TP + FP + FN) and ``iou`` = TP / (TP + FP + FN): tumour-class scores over
+  all pixels of the set ("global" or micro Dice/IoU).
+* ``dice_bg`` = 2TN / (2TN + FP + FN) and ``iou_bg`` = TN / (TN + FP + FN): the same with
+  background as the positive class.
+* ``dice_mean_paper`` / ``iou_mean_paper``: class-frequency weighted mean over {background,
+  tumour}, weights ``w_tumour = (TP + FN) / total`` and ``w_bg = (TN + FP) / total``. This is the
+  "Mean Dice" / "Mean IoU" reported in the TL-U-Net paper; it is dominated by the background.
+* ``dice_mean_macro`` / ``iou_mean_macro``: unweighted mean of background and tumour scores.
+* ``pixel_accuracy`` = (TP + TN) / total.
+* ``dice_per_image``: Dice of every slice, averaged over slices (an empty-truth slice scores 1
+  if nothing is predicted and 0 otherwise).
+* ``dice_per_patient`` / ``iou_per_patient``: counts summed over each patient's slices (the
+  patient volume), one score per patient, mean over patients. ``dice_per_patient_median`` is the
+  median over patients (mean of the two middle values for an even count, as ``numpy.median``).
+* ``detect_accuracy``, ``detect_sensitivity``, ``detect_specificity``: slice-level tumour
+  detection ("does this slice contain tumour?") against the truth. A slice counts as detected
+  when ``detect_prob >= threshold`` if an image-level probability is given to ``update``,
+  otherwise when its thresholded predicted mask is non-empty. Sensitivity is NaN when the set has
+  no tumour slices, specificity is NaN when it has no tumour-free slices.
+* ``num_slices`` and ``num_patients``: sizes of the evaluated set (as floats).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torchmetrics
+from torch import Tensor
+from torchmetrics.utilities import dim_zero_cat
+
+__all__ = ["METRIC_KEYS", "SegmentationMetrics", "prefixed"]
+
+METRIC_KEYS: tuple[str, ...] = (
+    "dice",
+    "iou",
+    "dice_bg",
+    "iou_bg",
+    "dice_mean_paper",
+    "iou_mean_paper",
+    "dice_mean_macro",
+    "iou_mean_macro",
+    "pixel_accuracy",
+    "dice_per_image",
+    "dice_per_patient",
+    "dice_per_patient_median",
+    "iou_per_patient",
+    "detect_accuracy",
+    "detect_sensitivity",
+    "detect_specificity",
+    "num_slices",
+    "num_patients",
+)
+"""The keys of the dictionary returned by :meth:`SegmentationMetrics.compute`, in order."""
+
+_STATE_NAMES: tuple[str, ...] = ("patient", "tp", "fp", "fn", "tn", "detect", "truth_any")
+
+
+def _dice(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
+    """Dice = 2TP/(2TP+FP+FN) in float64, elementwise, with 0/0 -> 1."""
+    tp, fp, fn = tp.double(), fp.double(), fn.double()
+    den = 2 * tp + fp + fn
+    return torch.where(den > 0, 2 * tp / den.clamp_min(1), torch.ones_like(den))
+
+
+def _iou(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
+    """IoU = TP/(TP+FP+FN) in float64, elementwise, with 0/0 -> 1."""
+    tp, fp, fn = tp.double(), fp.double(), fn.double()
+    den = tp + fp + fn
+    return torch.where(den > 0, tp / den.clamp_min(1), torch.ones_like(den))
+
+
+def _ratio_or_nan(num: Tensor, den: Tensor) -> float:
+    """``num / den`` as a python float, NaN if ``den`` is zero."""
+    d = int(den.item())
+    return float(num.item()) / d if d > 0 else float("nan")
+
+
+def _flatten_masks(x: Tensor, name: str) -> Tensor:
+    """(N,1,H,W) or (N,H,W) -> (N, H*W)."""
+    if x.ndim == 4:
+        if x.shape[1] != 1:
+            raise ValueError(f"{name} must have a single channel, got shape {tuple(x.shape)}")
+        x = x[:, 0]
+    if x.ndim != 3:
+        raise ValueError(f"{name} must have shape (N,1,H,W) or (N,H,W), got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1)
+
+
+class SegmentationMetrics(torchmetrics.Metric):
+    """Accumulates per-slice statistics and computes the project's metric vocabulary.
+
+    See the module docstring for the definition of every returned key.
+
+    Args:
+        threshold: probabilities ``>= threshold`` are positive (pixels and ``detect_prob``).
+        **kwargs: forwarded to :class:`torchmetrics.Metric` (e.g. ``dist_sync_on_step``).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    patient: list[Tensor]
+    tp: list[Tensor]
+    fp: list[Tensor]
+    fn: list[Tensor]
+    tn: list[Tensor]
+    detect: list[Tensor]
+    truth_any: list[Tensor]
+
+    def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+        self.threshold = float(threshold)
+        for name in _STATE_NAMES:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        probs: Tensor,
+        target: Tensor,
+        patient: Tensor,
+        detect_prob: Tensor | None = None,
+    ) -> None:
+        """Add a batch of slices.
+
+        Args:
+            probs: (N,1,H,W) or (N,H,W) tumour probabilities in [0, 1].
+            target: ground-truth masks in {0, 1}, same shape as ``probs`` (either layout).
+            patient: (N,) integer patient ids (arbitrary, not necessarily contiguous).
+            detect_prob: optional (N,) probability that each slice contains tumour. When None a
+                slice is detected iff its thresholded predicted mask is non-empty.
+        """
+        p = _flatten_masks(probs, "probs")
+        t = _flatten_masks(target, "target")
+        if p.shape != t.shape:
+            raise ValueError(
+                f"probs and target shapes differ: {tuple(probs.shape)} vs {tuple(target.shape)}"
+            )
+        n = p.shape[0]
+        patient = patient.reshape(-1)
+        if patient.numel() != n:
+            raise ValueError(f"patient must have {n} entries, got shape {tuple(patient.shape)}")
+        if patient.is_floating_point():
+            raise ValueError("patient ids must be integers")
+
+        pred = p.float() >= self.threshold
+        truth = t.float() >= 0.5
+        tp = (pred & truth).sum(dim=1, dtype=torch.int64)
+        fp = (pred & ~truth).sum(dim=1, dtype=torch.int64)
+        fn = (~pred & truth).sum(dim=1, dtype=torch.int64)
+        tn = (~pred & ~truth).sum(dim=1, dtype=torch.int64)
+
+        if detect_prob is None:
+            detect = pred.any(dim=1)
+        else:
+            detect_prob = detect_prob.reshape(-1)
+            if detect_prob.numel() != n:
+                raise ValueError(
+                    f"detect_prob must have {n} entries, got shape {tuple(detect_prob.shape)}"
+                )
+            detect = detect_prob.float() >= self.threshold
+
+        self.patient.append(patient.to(device=tp.device, dtype=torch.int64))
+        self.tp.append(tp)
+        self.fp.append(fp)
+        self.fn.append(fn)
+        self.tn.append(tn)
+        # Stored as int64 rather than bool so every backend can all-gather them under DDP.
+        self.detect.append(detect.to(device=tp.device, dtype=torch.int64))
+        self.truth_any.append(truth.any(dim=1).to(torch.int64))
+
+    def compute(self) -> dict[str, float]:
+        """Return the metric dictionary (keys in :data:`METRIC_KEYS`) as python floats."""
+        if isinstance(self.tp, list) and len(self.tp) == 0:
+            raise ValueError(
+                "SegmentationMetrics.compute() called before any update(): no slices to evaluate"
+            )
+        patient = dim_zero_cat(self.patient)
+        tp, fp = dim_zero_cat(self.tp), dim_zero_cat(self.fp)
+        fn, tn = dim_zero_cat(self.fn), dim_zero_cat(self.tn)
+        detect = dim_zero_cat(self.detect).bool()
+        truth_any = dim_zero_cat(self.truth_any).bool()
+        n_slices = tp.numel()
+        if n_slices == 0:
+            raise ValueError("SegmentationMetrics.compute(): the accumulated set has no slices")
+
+        # Pixel-level scores over the whole set.
+        TP, FP, FN, TN = tp.sum(), fp.sum(), fn.sum(), tn.sum()
+        total = (TP + FP + FN + TN).double()
+        dice, iou = _dice(TP, FP, FN), _iou(TP, FP, FN)
+        dice_bg, iou_bg = _dice(TN, FP, FN), _iou(TN, FP, FN)
+        w_tumour = (TP + FN).double() / total
+        w_bg = (TN + FP).double() / total
+
+        # Per-patient volumes: sum the slice counts of each patient.
+        ids, inverse = torch.unique(patient, return_inverse=True)
+        n_patients = ids.numel()
+
+        def per_patient(x: Tensor) -> Tensor:
+            return torch.zeros(n_patients, dtype=x.dtype, device=x.device).scatter_add_(
+                0, inverse, x
+            )
+
+        p_tp, p_fp, p_fn = per_patient(tp), per_patient(fp), per_patient(fn)
+        dice_patient = _dice(p_tp, p_fp, p_fn)
+        iou_patient = _iou(p_tp, p_fp, p_fn)
+
+        # Slice-level detection.
+        d_tp = (detect & truth_any).sum()
+        d_tn = (~detect & ~truth_any).sum()
+        d_fp = (detect & ~truth_any).sum()
+        d_fn = (~detect & truth_any).sum()
+
+        out = {
+            "dice": dice,
+            "iou": iou,
+            "dice_bg": dice_bg,
+            "iou_bg": iou_bg,
+            "dice_mean_paper": w_bg * dice_bg + w_tumour * dice,
+            "iou_mean_paper": w_bg * iou_bg + w_tumour * iou,
+            "dice_mean_macro": (dice_bg + dice) / 2,
+            "iou_mean_macro": (iou_bg + iou) / 2,
+            "pixel_accuracy": (TP + TN).double() / total,
+            "dice_per_image": _dice(tp, fp, fn).mean(),
+            "dice_per_patient": dice_patient.mean(),
+            # quantile interpolates linearly -> mean of the two middle values (numpy median).
+            "dice_per_patient_median": torch.quantile(dice_patient, 0.5),
+            "iou_per_patient": iou_patient.mean(),
+        }
+        result = {k: float(v.item()) for k, v in out.items()}
+        result["detect_accuracy"] = float((d_tp + d_tn).item()) / n_slices
+        result["detect_sensitivity"] = _ratio_or_nan(d_tp, d_tp + d_fn)
+        result["detect_specificity"] = _ratio_or_nan(d_tn, d_tn + d_fp)
+        result["num_slices"] = float(n_slices)
+        result["num_patients"] = float(n_patients)
+        return {k: result[k] for k in METRIC_KEYS}
+
+
+def prefixed(metrics: dict[str, float], stage: str) -> dict[str, float]:
+    """Prefix every key with ``"{stage}/"`` (e.g. ``"val/dice"``) for logging."""
+    return {f"{stage}/{k}": v for k, v in metrics.items()}

@@ -1,0 +1,153 @@
+"""Fit, test and write results: the logic behind ``python -m tlunet.train``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tlunet.errors import ConfigError
+from tlunet.models import count_parameters
+from tlunet.utils import environment_info, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+#: Test metrics every run writes to metrics.json (DESIGN.md names).
+REQUIRED_TEST_METRICS = (
+    "test/dice",
+    "test/iou",
+    "test/dice_mean_paper",
+    "test/iou_mean_paper",
+    "test/pixel_accuracy",
+    "test/dice_per_image",
+    "test/dice_per_patient",
+    "test/loss",
+)
+
+
+def resolve_precision(precision: Any, accelerator: str) -> Any:
+    """``mixed`` -> ``bf16-mixed`` where the GPU supports bf16, else ``16-mixed``; CPU -> 32."""
+    if str(precision) != "mixed":
+        return precision
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        if accelerator in ("gpu", "cuda"):
+            raise ConfigError(
+                "trainer=gpu was asked for but no CUDA GPU is visible "
+                "(torch.cuda.is_available() is False). Use trainer=default for the CPU."
+            )
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every non-null ``_target_`` entry of a dict config (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [instantiate(v) for v in cfg.values() if v is not None and "_target_" in v]
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.accelerator)
+    if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto"):
+        torch.set_float32_matmul_precision("high")
+    return instantiate(
+        cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False
+    )
+
+
+def _check_config(cfg: DictConfig) -> None:
+    if cfg.data.get("synthetic") is None and not cfg.data.get("root"):
+        raise ConfigError(
+            "data.root is not set. Pass data.root=/path/to/kaggle_3m (the folder holding one "
+            "folder per patient), or data=synthetic for generated phantoms, or run the demo: "
+            "make train."
+        )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the model of ``cfg``, test its best checkpoint, write the run's files.
+
+    Returns ``{"metrics": test metrics, "best_score": best monitored value, "run_dir": path}``.
+    """
+    _check_config(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model.net)
+    loss = instantiate(cfg.loss)
+    module = instantiate(
+        cfg.module,
+        _recursive_=False,
+        net=net,
+        loss=loss,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    loggers = _instantiate_dict(cfg.get("logger"))
+    trainer = build_trainer(cfg, callbacks, loggers)
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    train_time = time.perf_counter() - started
+    if trainer.interrupted:
+        log.warning(
+            "Training was interrupted; the last checkpoint is in %s", run_dir / "checkpoints"
+        )
+
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    best_score = checkpoint.best_model_score if checkpoint is not None else None
+    best_score = float(best_score) if best_score is not None else None
+
+    metrics: dict[str, float] = {}
+    test_time = None
+    if cfg.get("test", True):
+        started = time.perf_counter()
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
+        test_time = time.perf_counter() - started
+        logged = results[0] if results else {}
+        # Full-precision values from the metric itself; the logged copies are float32.
+        metrics = {
+            **{k: float(v) for k, v in logged.items()},
+            **module.epoch_metrics.get("test", {}),
+        }
+        missing = [k for k in REQUIRED_TEST_METRICS if k not in metrics]
+        if missing:
+            log.warning("Test metrics missing from the run: %s", missing)
+
+    run_info = {
+        "model": cfg.model.name,
+        "encoder": cfg.encoder.name,
+        "encoder_weights": cfg.encoder.weights,
+        "split": cfg.data.split,
+        "seed": cfg.seed,
+        "image_size": cfg.data.image_size,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "interrupted": trainer.interrupted,
+        "monitor": cfg.monitor.metric,
+        "best_score": best_score,
+        "best_checkpoint": best_path or None,
+        "train_time_s": round(train_time, 3),
+        "test_time_s": round(test_time, 3) if test_time is not None else None,
+        "parameters": count_parameters(net),
+        "precision": str(trainer.precision),
+        "preprocessing": datamodule.preprocessing,
+        "patients": {s: datamodule.stage_patients(s) for s in ("train", "val", "test")},
+        "environment": environment_info(),
+    }
+    write_json_atomic(run_dir / "run.json", run_info)
+    if metrics:
+        write_json_atomic(run_dir / "metrics.json", metrics)  # last: its presence = complete
+    return {"metrics": metrics, "best_score": best_score, "run_dir": str(run_dir)}
