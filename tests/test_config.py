@@ -1,0 +1,92 @@
+"""Hydra composition of conf/ and the objects each group builds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from tlunet.errors import ConfigError
+from tlunet.run import resolve_precision
+
+from .conftest import CONF_DIR, compose_config
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_defaults_are_the_paper_recipe() -> None:
+    cfg = compose_config()
+    assert cfg.encoder.name == "densenet121" and cfg.encoder.weights == "imagenet"
+    assert cfg.model.name == "unet"
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 1e-4
+    assert cfg.scheduler._target_.endswith("ReduceLROnPlateau")
+    assert cfg.data.batch_size == 32 and cfg.data.image_size == 256
+    assert cfg.data.split == "patient" and cfg.data.root is None
+    assert cfg.module.threshold == 0.5
+    assert cfg.trainer.precision == "32-true" and cfg.trainer.accelerator == "cpu"
+    assert cfg.callbacks.early_stopping.monitor == cfg.monitor.metric == "val/dice_per_patient"
+
+
+@pytest.mark.parametrize("option", _options("encoder"))
+def test_encoder_options_compose(option: str) -> None:
+    cfg = compose_config([f"encoder={option}"])
+    assert cfg.model.net.encoder_name == cfg.encoder.name
+    assert cfg.model.net.encoder_weights == "imagenet"
+
+
+@pytest.mark.parametrize("option", _options("loss"))
+def test_loss_options_build_and_compute(option: str) -> None:
+    cfg = compose_config([f"loss={option}"])
+    loss = instantiate(cfg.loss)
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 2:5, 2:5] = 1
+    good = loss(torch.where(target > 0, 8.0, -8.0), target)
+    bad = loss(torch.where(target > 0, -8.0, 8.0), target)
+    assert torch.isfinite(good) and good < bad
+
+
+def test_experiment_demo_uses_synthetic_data_from_scratch() -> None:
+    cfg = compose_config(["experiment=demo"])
+    assert cfg.data.synthetic is not None and cfg.data.root
+    assert cfg.encoder.name == "densenet121" and cfg.encoder.weights is None
+
+
+def test_gpu_trainer_asks_for_mixed_precision() -> None:
+    cfg = compose_config(["trainer=gpu"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "mixed"
+    assert cfg.trainer.benchmark is True
+
+
+def test_precision_resolution() -> None:
+    assert resolve_precision("32-true", "cpu") == "32-true"
+    assert resolve_precision("mixed", "cpu") == "32-true"
+    if torch.cuda.is_available():
+        expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        assert resolve_precision("mixed", "gpu") == expected
+    else:
+        with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+            resolve_precision("mixed", "gpu")
+
+
+def test_datamodule_config_instantiates() -> None:
+    cfg = compose_config(["data.root=/somewhere", "data.image_size=64"])
+    dm = instantiate(cfg.data)
+    assert dm.root == "/somewhere" and dm.image_size == 64
+    assert [type(t).__name__ for t in dm.augment] == [
+        "HorizontalFlip",
+        "Affine",
+        "RandomBrightnessContrast",
+    ]
+
+
+def test_misspelled_key_is_rejected() -> None:
+    with pytest.raises(ConfigCompositionException, match="rot"):
+        compose_config(["data.rot=/x"])
+
+
+def test_unknown_group_option_is_rejected() -> None:
+    with pytest.raises(ConfigCompositionException, match="encoder/densnet"):
+        compose_config(["encoder=densnet"])

@@ -1,0 +1,173 @@
+"""Decoded-slice cache, transforms and the DataModule."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from tlunet.data.cache import cache_key, decode_slices
+from tlunet.data.datamodule import LGGDataModule
+from tlunet.data.index import index_kaggle3m
+from tlunet.data.transforms import build_transform, channel_stats
+from tlunet.errors import ConfigError, DataError
+
+
+@pytest.fixture()
+def data_copy(synthetic_root: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "kaggle_3m"
+    shutil.copytree(synthetic_root, dst)
+    return dst
+
+
+def _fresh(records) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([tifffile.imread(r.image_path) for r in records])
+    masks = np.stack([tifffile.imread(r.mask_path) for r in records])
+    return images, masks
+
+
+def test_cache_equals_fresh_decode_bit_for_bit(data_copy: Path, cache_dir: Path) -> None:
+    records = index_kaggle3m(data_copy)
+    decoded = decode_slices(records, data_copy, cache_dir)
+    images, masks = _fresh(records)
+    assert decoded.images.dtype == np.uint8 and decoded.masks.dtype == np.uint8
+    assert np.array_equal(decoded.images, images)
+    assert np.array_equal(decoded.masks, (masks == 255).astype(np.uint8))
+    assert set(np.unique(decoded.masks).tolist()) == {0, 1}
+    # A second decode is served from the memory-mapped cache.
+    again = decode_slices(records, data_copy, cache_dir)
+    assert isinstance(again.images, np.memmap)
+    assert np.array_equal(again.images, images)
+
+
+def test_changed_or_added_file_invalidates_cache(data_copy: Path, cache_dir: Path) -> None:
+    records = index_kaggle3m(data_copy)
+    key = cache_key(records, data_copy)
+    decode_slices(records, data_copy, cache_dir)
+    # Change one image: new content, new mtime.
+    target = records[3].image_path
+    new = np.full_like(tifffile.imread(target), 7)
+    tifffile.imwrite(target, new, photometric="rgb")
+    os.utime(target, ns=(1, 1))
+    records2 = index_kaggle3m(data_copy)
+    assert cache_key(records2, data_copy) != key
+    assert np.array_equal(decode_slices(records2, data_copy, cache_dir).images[3], new)
+    # Add a slice.
+    folder = records[0].image_path.parent
+    n = max(r.slice for r in records if r.patient == folder.name) + 1
+    tifffile.imwrite(folder / f"{folder.name}_{n}.tif", new, photometric="rgb")
+    tifffile.imwrite(folder / f"{folder.name}_{n}_mask.tif", np.zeros(new.shape[:2], np.uint8))
+    records3 = index_kaggle3m(data_copy)
+    assert len(records3) == len(records) + 1
+    assert cache_key(records3, data_copy) not in (key, cache_key(records2, data_copy))
+    assert len(decode_slices(records3, data_copy, cache_dir).images) == len(records3)
+
+
+def test_bad_mask_values_and_shapes_are_reported(data_copy: Path) -> None:
+    records = index_kaggle3m(data_copy)
+    bad = records[1].mask_path
+    tifffile.imwrite(bad, np.full((64, 64), 128, np.uint8))
+    with pytest.raises(DataError, match=rf"Mask '{bad}' holds values \[128\]"):
+        decode_slices(records, data_copy)
+    tifffile.imwrite(bad, np.zeros((64, 64), np.uint8))
+    img = records[2].image_path
+    tifffile.imwrite(img, np.zeros((64, 64), np.uint8))
+    with pytest.raises(DataError, match=rf"Image '{img}' has shape \(64, 64\)"):
+        decode_slices(records, data_copy)
+
+
+def test_corrupt_tiff_is_reported(data_copy: Path) -> None:
+    records = index_kaggle3m(data_copy)
+    records[0].image_path.write_bytes(b"II*\x00garbage")
+    with pytest.raises(DataError, match=rf"Cannot read image '{records[0].image_path}'"):
+        decode_slices(records, data_copy)
+    truncated = records[1].mask_path
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(DataError, match=rf"Cannot read mask '{truncated}'"):
+        decode_slices(records[1:], data_copy)
+
+
+@pytest.mark.parametrize("size", [32, 96, 160])
+def test_masks_stay_binary_through_training_transforms(size: int) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    mask = np.zeros((256, 256), np.uint8)
+    mask[60:150, 90:200] = 1
+    augment = [
+        A.HorizontalFlip(p=1.0),
+        A.Affine(scale=(0.8, 1.2), rotate=(-30, 30), translate_percent=(-0.1, 0.1), p=1.0),
+        A.RandomBrightnessContrast(p=1.0),
+    ]
+    tf = build_transform(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment)
+    for _ in range(5):
+        out = tf(image=image, mask=mask)
+        assert out["image"].shape == (3, size, size) and out["image"].dtype == torch.float32
+        assert out["mask"].shape == (size, size)
+        assert set(torch.unique(out["mask"]).tolist()) <= {0, 1}
+        assert out["mask"].sum() > 0
+
+
+def test_normalisation_is_per_channel() -> None:
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[..., 1] = 255
+    out = build_transform(32, (0.0, 0.5, 1.0), (1.0, 0.5, 0.5))(image=image, mask=image[..., 0])
+    assert torch.allclose(out["image"][:, 0, 0], torch.tensor([0.0, 1.0, -2.0]))
+
+
+def test_channel_stats() -> None:
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    images[0, ..., 0] = 255  # channel 0: half the pixels 1.0 -> mean 0.5, std 0.5
+    mean, std = channel_stats(images, chunk=1)
+    assert mean == pytest.approx([0.5, 0.0, 0.0])
+    assert std[0] == pytest.approx(0.5)
+
+
+def test_datamodule_batches(synthetic_root: Path, cache_dir: Path) -> None:
+    dm = LGGDataModule(
+        str(synthetic_root), image_size=32, batch_size=4, num_workers=0, cache_dir=str(cache_dir)
+    )
+    dm.setup("fit")
+    stages = {s: set(dm.stage_patients(s)) for s in ("train", "val", "test")}
+    assert stages["train"].isdisjoint(stages["val"]) and stages["train"].isdisjoint(stages["test"])
+    assert sum(len(v) for v in stages.values()) == 6
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 32, 32)
+    assert batch["mask"].shape == (4, 1, 32, 32)
+    assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}
+    assert batch["patient"].dtype == torch.int64
+    val = next(iter(dm.val_dataloader()))
+    names = {dm.patients[int(p)] for p in val["patient"]}
+    assert names <= stages["val"]
+    assert dm.preprocessing["image_size"] == 32
+
+
+def test_datamodule_paper_split_and_dataset_normalisation(synthetic_root: Path) -> None:
+    dm = LGGDataModule(
+        str(synthetic_root), split="paper", image_size=32, num_workers=0, normalization="dataset"
+    )
+    dm.setup()
+    n = len(dm.records)
+    sizes = [len(dm.stage_rows[s]) for s in ("train", "val", "test")]
+    assert sum(sizes) == n and sizes[1] == round(n * 393 / 3929)
+    assert dm.mean != pytest.approx([0.485, 0.456, 0.406])
+    assert all(0 < s < 1 for s in dm.std)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"image_size": 100}, "multiple of 32"),
+        ({"batch_size": -1}, "batch_size=-1 must be positive"),
+        ({"split": "slices"}, "data.split='slices' is unknown"),
+        ({"normalization": "zscore"}, "data.normalization='zscore' is unknown"),
+    ],
+)
+def test_datamodule_rejects_impossible_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        LGGDataModule("/tmp", **kwargs)

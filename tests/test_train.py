@@ -1,0 +1,131 @@
+"""End to end: `python -m tlunet.train` on tiny synthetic data, multirun, and user mistakes."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tlunet.run import REQUIRED_TEST_METRICS
+
+from .conftest import TINY_RUN, run_cli
+
+
+def _check_run_dir(run_dir: Path) -> dict[str, float]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for name in REQUIRED_TEST_METRICS:
+        assert isinstance(metrics[name], float), name
+        if name != "test/loss":
+            assert 0.0 <= metrics[name] <= 1.0, (name, metrics[name])
+    assert math.isfinite(metrics["test/loss"]) and metrics["test/loss"] >= 0
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "predictions.png").stat().st_size > 1000
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    return metrics
+
+
+def test_train_and_test_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    out = run_cli(
+        ["tlunet.train", *TINY_RUN, f"data.root={synthetic_root}", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    metrics = _check_run_dir(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["encoder"] == "resnet18" and info["split"] == "patient"
+    assert info["parameters"] > 1_000_000
+    assert set(info["patients"]["test"]).isdisjoint(info["patients"]["train"])
+    assert info["environment"]["libraries"]["torch"]
+    # metrics.json holds what the test stage logged (float32 in the CSV log).
+    header, *rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    columns = header.split(",")
+    last = [r for r in rows if r.split(",")[columns.index("test/dice")]][-1].split(",")
+    assert float(last[columns.index("test/dice")]) == pytest.approx(metrics["test/dice"], abs=1e-6)
+    assert "Results in" in out.stdout and "data.root=" in out.stdout
+
+
+def test_multirun_gives_each_job_its_directory(synthetic_root: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    out = run_cli(
+        [
+            "tlunet.train",
+            "-m",
+            *[o for o in TINY_RUN if not o.startswith("encoder=")],
+            "encoder=resnet18,mobilenet_v2",
+            f"data.root={synthetic_root}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0_unet_resnet18", "1_unet_mobilenet_v2"]
+    for job in jobs:
+        _check_run_dir(sweep / job)
+        assert json.loads((sweep / job / "run.json").read_text())["encoder"] in job
+
+
+def _assert_user_error(out, *fragments: str) -> None:
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    for fragment in fragments:
+        assert fragment in text, text[-2000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
+def test_wrong_data_root(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_dir"
+    out = run_cli(
+        ["tlunet.train", *TINY_RUN, f"data.root={missing}", f"hydra.run.dir={tmp_path / 'r'}"],
+        cwd=tmp_path,
+    )
+    _assert_user_error(out, f"data.root '{missing}' does not exist")
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_unset_data_root(tmp_path: Path) -> None:
+    out = run_cli(["tlunet.train", *TINY_RUN, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    _assert_user_error(out, "data.root is not set")
+
+
+def test_unknown_encoder_option_and_name(synthetic_root: Path, tmp_path: Path) -> None:
+    out = run_cli(["tlunet.train", "encoder=densnet121"], cwd=tmp_path)
+    assert out.returncode != 0
+    assert "Could not find 'encoder/densnet121'" in out.stderr
+    assert "densenet121" in out.stderr  # Hydra lists the available options
+    out = run_cli(
+        [
+            "tlunet.train",
+            *TINY_RUN,
+            "encoder.name=densnet121",
+            f"data.root={synthetic_root}",
+            f"hydra.run.dir={tmp_path / 'r'}",
+        ],
+        cwd=tmp_path,
+    )
+    _assert_user_error(out, "Unknown encoder 'densnet121'", "Did you mean: densenet121")
+
+
+def test_missing_mask_is_named(synthetic_root: Path, tmp_path: Path) -> None:
+    data = tmp_path / "kaggle_3m"
+    shutil.copytree(synthetic_root, data)
+    mask = next(data.glob("SYN_P002_*/*_3_mask.tif"))
+    mask.unlink()
+    out = run_cli(
+        ["tlunet.train", *TINY_RUN, f"data.root={data}", f"hydra.run.dir={tmp_path / 'r'}"],
+        cwd=tmp_path,
+    )
+    image = mask.with_name(mask.name.replace("_mask", ""))
+    _assert_user_error(out, f"Missing mask for image '{image}'")
+
+
+def test_misspelled_key(tmp_path: Path) -> None:
+    out = run_cli(["tlunet.train", "data.rot=/x"], cwd=tmp_path)
+    assert out.returncode != 0
+    assert "Key 'rot' is not in struct" in out.stderr
