@@ -1,0 +1,199 @@
+"""The LightningDataModule: index -> split -> decoded cache -> transforms -> DataLoaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from tlunet.data.cache import DecodedSlices, decode_slices
+from tlunet.data.dataset import SliceDataset
+from tlunet.data.index import SliceRecord, index_kaggle3m
+from tlunet.data.splits import PAPER_SPLIT_SIZES, STAGES, split_by_patient, split_by_slice
+from tlunet.data.synthetic import write_synthetic_dataset
+from tlunet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, channel_stats
+from tlunet.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("patient", "paper")
+NORMALIZATIONS = ("imagenet", "dataset")
+
+
+class LGGDataModule(pl.LightningDataModule):
+    """kaggle_3m slices for training, validation and test.
+
+    Args:
+        root: folder holding one sub-folder per patient (``kaggle_3m/``).
+        split: ``patient`` (whole patients per stage, seeded) or ``paper`` (slice-level
+            3005/393/531 proportions, as in the TL-U-Net paper).
+        split_fractions: train/val/test fractions of patients for ``split=patient``.
+        split_seed: seed of the split shuffle (independent of the training seed).
+        image_size: side in pixels the slices are resized to (a multiple of 32).
+        batch_size, num_workers, pin_memory, persistent_workers: DataLoader settings.
+        normalization: ``imagenet`` (the statistics the pretrained encoders expect) or
+            ``dataset`` (per-channel mean/std of the training split).
+        augment: albumentations transforms applied to training slices after resizing.
+        cache_dir: folder for the decoded-slice cache (``None``: decode into memory each run).
+        synthetic: parameters of :func:`write_synthetic_dataset`; when given, phantoms are
+            written to ``root`` first (``data=synthetic``).
+    """
+
+    def __init__(
+        self,
+        root: str | None,
+        split: str = "patient",
+        split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+        split_seed: int = 42,
+        paper_split_sizes: Sequence[int] = PAPER_SPLIT_SIZES,
+        image_size: int = 256,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        normalization: str = "imagenet",
+        augment: Sequence[A.BasicTransform] | None = None,
+        cache_dir: str | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if split not in SPLITS:
+            raise ConfigError(f"data.split='{split}' is unknown; choose one of {list(SPLITS)}.")
+        if normalization not in NORMALIZATIONS:
+            raise ConfigError(
+                f"data.normalization='{normalization}' is unknown; choose one of "
+                f"{list(NORMALIZATIONS)}."
+            )
+        if image_size <= 0 or image_size % 32:
+            raise ConfigError(
+                f"data.image_size={image_size} must be a positive multiple of 32 "
+                "(the U-Net downsamples five times)."
+            )
+        if batch_size <= 0:
+            raise ConfigError(f"data.batch_size={batch_size} must be positive.")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers} must be 0 or more.")
+        self.root = root
+        self.split = split
+        self.split_fractions = tuple(split_fractions)
+        self.split_seed = split_seed
+        self.paper_split_sizes = tuple(paper_split_sizes)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.normalization = normalization
+        self.augment = list(augment or [])
+        self.cache_dir = cache_dir
+        self.synthetic = dict(synthetic) if synthetic else None
+
+        self.records: list[SliceRecord] = []
+        self.patients: list[str] = []
+        self.decoded: DecodedSlices | None = None
+        self.stage_rows: dict[str, np.ndarray] = {}
+        self.datasets: dict[str, SliceDataset] = {}
+        self.mean: list[float] = list(IMAGENET_MEAN)
+        self.std: list[float] = list(IMAGENET_STD)
+
+    # -- Lightning hooks ---------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            if not self.root:
+                raise ConfigError("data.root must name a folder to write the synthetic set to.")
+            write_synthetic_dataset(self.root, **self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.synthetic is not None and not Path(str(self.root)).exists():
+            self.prepare_data()
+        self.records = index_kaggle3m(self.root)
+        root = Path(str(self.root)).expanduser()
+        self.decoded = decode_slices(self.records, root, self.cache_dir)
+        self.patients = sorted({r.patient for r in self.records})
+        patient_ids = np.array([self.patients.index(r.patient) for r in self.records])
+        slice_numbers = np.array([r.slice for r in self.records])
+        self.stage_rows = self._split(patient_ids)
+        if self.normalization == "dataset":
+            self.mean, self.std = channel_stats(self.decoded.images[self.stage_rows["train"]])
+        for name in STAGES:
+            transform = build_transform(
+                self.image_size, self.mean, self.std, self.augment if name == "train" else ()
+            )
+            self.datasets[name] = SliceDataset(
+                self.decoded.images,
+                self.decoded.masks,
+                self.stage_rows[name],
+                patient_ids,
+                slice_numbers,
+                transform,
+            )
+        has_tumour = self.decoded.has_tumour
+        log.info(
+            "Data %s: %d patients, %d slices (%d with tumour); split=%s -> %s",
+            root,
+            len(self.patients),
+            len(self.records),
+            int(has_tumour.sum()),
+            self.split,
+            ", ".join(f"{k} {len(v)} slices" for k, v in self.stage_rows.items()),
+        )
+
+    def _split(self, patient_ids: np.ndarray) -> dict[str, np.ndarray]:
+        if self.split == "paper":
+            rows = split_by_slice(len(self.records), self.paper_split_sizes, self.split_seed)
+        else:
+            parts = split_by_patient(self.patients, self.split_fractions, self.split_seed)
+            rows = {}
+            for name, names in parts.items():
+                ids = [self.patients.index(p) for p in names]
+                rows[name] = np.flatnonzero(np.isin(patient_ids, ids))
+        for name in ("train", "val"):
+            if len(rows[name]) == 0:
+                raise DataError(
+                    f"The {self.split} split of '{self.root}' leaves the {name} stage empty; "
+                    "add data or change data.split_fractions."
+                )
+        return rows
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """What a model trained on this data expects of its input (saved in checkpoints)."""
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+    def stage_patients(self, stage: str) -> list[str]:
+        """Sorted names of the patients with at least one slice in ``stage``."""
+        return sorted({self.records[i].patient for i in self.stage_rows[stage]})
+
+    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[stage]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if len(self.datasets["test"]) == 0:
+            raise DataError(
+                f"The {self.split} split of '{self.root}' leaves the test stage empty; "
+                "change data.split_fractions."
+            )
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,104 @@
+"""Index a kaggle_3m-style folder.
+
+Layout (the Kaggle "lgg-mri-segmentation" set, ``kaggle_3m/``)::
+
+    <root>/<patient>/<patient>_<n>.tif        3-channel uint8 image, (H, W, 3)
+    <root>/<patient>/<patient>_<n>_mask.tif   uint8 mask, (H, W), values {0, 255}
+
+Slice numbers ``n`` start at 1 and are not zero-padded: they are sorted numerically.
+Files beside the patient folders (``README.md``, ``data.csv``) and hidden entries are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlunet.errors import DataError
+
+_SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<num>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
+_TIF_SUFFIXES = {".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """One slice of one patient: where its image and mask live."""
+
+    patient: str
+    slice: int
+    image_path: Path
+    mask_path: Path
+
+
+def _patient_dirs(root: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and any(f.suffix.lower() in _TIF_SUFFIXES for f in p.iterdir())
+    )
+
+
+def check_root(root: str | Path | None) -> Path:
+    """Return ``root`` as a Path, or raise :class:`DataError` if it is not a dataset folder."""
+    if root is None or str(root).strip() in ("", "???"):
+        raise DataError(
+            "data.root is not set. Pass data.root=/path/to/kaggle_3m (the folder holding one "
+            "folder per patient), or use data=synthetic for generated phantoms."
+        )
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"data.root '{path}' does not exist.")
+    if not path.is_dir():
+        raise DataError(f"data.root '{path}' is not a folder.")
+    return path
+
+
+def index_kaggle3m(root: str | Path) -> list[SliceRecord]:
+    """Scan ``root`` and return its slices sorted by (patient, slice number).
+
+    Raises :class:`DataError` naming the offending path when the folder holds no patient
+    folders, a file name does not follow ``<patient>_<n>[_mask].tif``, a slice has no mask
+    (or a mask no slice), or a slice number appears twice.
+    """
+    root = check_root(root)
+    patients = _patient_dirs(root)
+    if not patients:
+        hint = ""
+        if (root / "kaggle_3m").is_dir():
+            hint = f" Did you mean data.root={root / 'kaggle_3m'}?"
+        raise DataError(
+            f"No patient folders with .tif slices found in data.root '{root}'. Expected "
+            f"<root>/<patient>/<patient>_<n>.tif and <patient>_<n>_mask.tif.{hint}"
+        )
+    records: list[SliceRecord] = []
+    for pdir in patients:
+        images: dict[int, Path] = {}
+        masks: dict[int, Path] = {}
+        for f in sorted(pdir.iterdir()):
+            if f.suffix.lower() not in _TIF_SUFFIXES or f.name.startswith("."):
+                continue
+            m = _SLICE_RE.match(f.name)
+            if m is None:
+                raise DataError(
+                    f"Cannot read a slice number from '{f}': expected "
+                    f"<patient>_<n>.tif or <patient>_<n>_mask.tif with a numeric <n>."
+                )
+            num = int(m.group("num"))
+            target = masks if m.group("mask") else images
+            if num in target:
+                raise DataError(f"Slice {num} appears twice in '{pdir}': '{target[num]}' and '{f}'.")
+            target[num] = f
+        for num in sorted(images.keys() - masks.keys()):
+            raise DataError(
+                f"Missing mask for image '{images[num]}': expected "
+                f"'{images[num].with_name(images[num].stem + '_mask' + images[num].suffix)}'."
+            )
+        for num in sorted(masks.keys() - images.keys()):
+            raise DataError(f"Mask '{masks[num]}' has no matching image in '{pdir}'.")
+        records.extend(
+            SliceRecord(pdir.name, num, images[num], masks[num]) for num in sorted(images)
+        )
+    return records
