@@ -6,17 +6,19 @@ import os
 import shutil
 from pathlib import Path
 
-import albumentations as A
 import numpy as np
 import pytest
 import tifffile
 import torch
+from hydra.utils import instantiate
 
 from tlunet.data.cache import cache_key, decode_slices
 from tlunet.data.datamodule import LGGDataModule
 from tlunet.data.index import index_kaggle3m
 from tlunet.data.transforms import build_transform, channel_stats
 from tlunet.errors import ConfigError, DataError
+
+from .conftest import compose_config
 
 
 @pytest.fixture()
@@ -99,11 +101,10 @@ def test_masks_stay_binary_through_training_transforms(size: int) -> None:
     image = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
     mask = np.zeros((256, 256), np.uint8)
     mask[60:150, 90:200] = 1
-    augment = [
-        A.HorizontalFlip(p=1.0),
-        A.Affine(scale=(0.8, 1.2), rotate=(-30, 30), translate_percent=(-0.1, 0.1), p=1.0),
-        A.RandomBrightnessContrast(p=1.0),
-    ]
+    # The configured training augmentation, every transform forced on.
+    augment = instantiate(compose_config().data.augment)
+    for t in augment:
+        t.p = 1.0
     tf = build_transform(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment)
     for _ in range(5):
         out = tf(image=image, mask=mask)
@@ -126,6 +127,8 @@ def test_channel_stats() -> None:
     mean, std = channel_stats(images, chunk=1)
     assert mean == pytest.approx([0.5, 0.0, 0.0])
     assert std[0] == pytest.approx(0.5)
+    mean, std = channel_stats(images, rows=[0])  # only the first image: channel 0 all 1.0
+    assert mean == pytest.approx([1.0, 0.0, 0.0])
 
 
 def test_datamodule_batches(synthetic_root: Path, cache_dir: Path) -> None:

@@ -8,12 +8,25 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
 from tlunet.errors import TlunetError
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("tlunet")
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The TlunetError (or OmegaConf error) behind ``exc``, looking through Hydra's wrappers."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, TlunetError | OmegaConfBaseException):
+            return seen
+        if not isinstance(seen, InstantiationException):
+            return None
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def user_errors_exit(fn: F) -> F:
@@ -24,7 +37,10 @@ def user_errors_exit(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (TlunetError, OmegaConfBaseException) as exc:
+        except Exception as raised:
+            exc = _user_error(raised)
+            if exc is None:
+                raise
             kind = "configuration error" if isinstance(exc, OmegaConfBaseException) else "error"
             message = f"tlunet {kind}: {exc}"
             record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)

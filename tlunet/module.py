@@ -72,12 +72,13 @@ class SegmentationModule(pl.LightningModule):
         self.log(
             f"{stage}/loss",
             loss,
-            on_step=stage == "train",
             on_epoch=True,
-            prog_bar=stage != "test",
+            on_step=False,
             batch_size=len(logits),
             sync_dist=True,
         )
+        if stage == "train":
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss, probs
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -120,6 +121,8 @@ class SegmentationModule(pl.LightningModule):
                 "monitor": self.monitor,
                 "interval": "epoch",
                 "frequency": 1,
+                # Epochs without validation (check_val_every_n_epoch > 1) skip the step.
+                "strict": False,
             },
         }
 

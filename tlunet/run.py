@@ -61,27 +61,25 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[A
     )
 
 
-def _check_config(cfg: DictConfig) -> None:
-    if cfg.data.get("synthetic") is None and not cfg.data.get("root"):
-        raise ConfigError(
-            "data.root is not set. Pass data.root=/path/to/kaggle_3m (the folder holding one "
-            "folder per patient), or data=synthetic for generated phantoms, or run the demo: "
-            "make train."
-        )
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the model of ``cfg``, test its best checkpoint, write the run's files.
 
     Returns ``{"metrics": test metrics, "best_score": best monitored value, "run_dir": path}``.
     """
-    _check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
+    # Index, validate and split the data before building anything else: data mistakes fail fast.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if cfg.get("test", True) and len(datamodule.datasets["test"]) == 0:
+        raise ConfigError(
+            f"The {cfg.data.split} split of '{cfg.data.root}' leaves the test stage empty; "
+            "change data.split_fractions or pass test=false."
+        )
     net = instantiate(cfg.model.net)
     loss = instantiate(cfg.loss)
     module = instantiate(
@@ -100,10 +98,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     train_time = time.perf_counter() - started
-    if trainer.interrupted:
-        log.warning(
-            "Training was interrupted; the last checkpoint is in %s", run_dir / "checkpoints"
-        )
 
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
@@ -129,13 +123,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_info = {
         "model": cfg.model.name,
         "encoder": cfg.encoder.name,
-        "encoder_weights": cfg.encoder.weights,
+        "encoder_weights": None if cfg.encoder.weights_path else cfg.encoder.weights,
+        "encoder_weights_path": cfg.encoder.weights_path,
         "split": cfg.data.split,
         "seed": cfg.seed,
         "image_size": cfg.data.image_size,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "interrupted": trainer.interrupted,
         "monitor": cfg.monitor.metric,
         "best_score": best_score,
         "best_checkpoint": best_path or None,

@@ -112,17 +112,16 @@ class LGGDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        if self.synthetic is not None and not Path(str(self.root)).exists():
-            self.prepare_data()
         self.records = index_kaggle3m(self.root)
         root = Path(str(self.root)).expanduser()
         self.decoded = decode_slices(self.records, root, self.cache_dir)
         self.patients = sorted({r.patient for r in self.records})
-        patient_ids = np.array([self.patients.index(r.patient) for r in self.records])
+        position = {name: i for i, name in enumerate(self.patients)}
+        patient_ids = np.array([position[r.patient] for r in self.records])
         slice_numbers = np.array([r.slice for r in self.records])
         self.stage_rows = self._split(patient_ids)
         if self.normalization == "dataset":
-            self.mean, self.std = channel_stats(self.decoded.images[self.stage_rows["train"]])
+            self.mean, self.std = channel_stats(self.decoded.images, self.stage_rows["train"])
         for name in STAGES:
             transform = build_transform(
                 self.image_size, self.mean, self.std, self.augment if name == "train" else ()
@@ -151,10 +150,11 @@ class LGGDataModule(pl.LightningDataModule):
             rows = split_by_slice(len(self.records), self.paper_split_sizes, self.split_seed)
         else:
             parts = split_by_patient(self.patients, self.split_fractions, self.split_seed)
-            rows = {}
-            for name, names in parts.items():
-                ids = [self.patients.index(p) for p in names]
-                rows[name] = np.flatnonzero(np.isin(patient_ids, ids))
+            position = {name: i for i, name in enumerate(self.patients)}
+            rows = {
+                stage: np.flatnonzero(np.isin(patient_ids, [position[p] for p in names]))
+                for stage, names in parts.items()
+            }
         for name in ("train", "val"):
             if len(rows[name]) == 0:
                 raise DataError(

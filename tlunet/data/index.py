@@ -89,7 +89,9 @@ def index_kaggle3m(root: str | Path) -> list[SliceRecord]:
             num = int(m.group("num"))
             target = masks if m.group("mask") else images
             if num in target:
-                raise DataError(f"Slice {num} appears twice in '{pdir}': '{target[num]}' and '{f}'.")
+                raise DataError(
+                    f"Slice {num} appears twice in '{pdir}': '{target[num]}' and '{f}'."
+                )
             target[num] = f
         for num in sorted(images.keys() - masks.keys()):
             raise DataError(

@@ -43,13 +43,17 @@ def build_transform(
     )
 
 
-def channel_stats(images: np.ndarray, chunk: int = 256) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of (N, H, W, 3) uint8 images, on the [0, 1] scale."""
+def channel_stats(
+    images: np.ndarray, rows: Sequence[int] | None = None, chunk: int = 256
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of (N, H, W, 3) uint8 images (only ``rows`` when
+    given, read ``chunk`` at a time so a memory-mapped array is never copied whole), [0, 1] scale."""
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     total = np.zeros(3, np.float64)
     total_sq = np.zeros(3, np.float64)
     count = 0
-    for start in range(0, len(images), chunk):
-        block = np.asarray(images[start : start + chunk], dtype=np.float64) / 255.0
+    for start in range(0, len(rows), chunk):
+        block = np.asarray(images[rows[start : start + chunk]], dtype=np.float64) / 255.0
         total += block.sum(axis=(0, 1, 2))
         total_sq += (block**2).sum(axis=(0, 1, 2))
         count += block.shape[0] * block.shape[1] * block.shape[2]
