@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from tlunet.data.synthetic import write_synthetic_dataset
+from tlunet.run import REQUIRED_TEST_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -71,6 +74,21 @@ TINY_RUN = [
     "callbacks.progress_bar=null",
     "logger=csv",
 ]
+
+
+def check_run_dir(run_dir: Path) -> dict[str, float]:
+    """Assert a finished run directory holds every file and metric a run promises."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for name in REQUIRED_TEST_METRICS:
+        assert isinstance(metrics[name], float), name
+        if name != "test/loss":
+            assert 0.0 <= metrics[name] <= 1.0, (name, metrics[name])
+    assert math.isfinite(metrics["test/loss"]) and metrics["test/loss"] >= 0
+    for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "config.yaml", "run.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert (run_dir / "predictions.png").stat().st_size > 1000
+    return metrics
 
 
 def real_data_root() -> Path:

@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tlunet.run import REQUIRED_TEST_METRICS
-
-from .conftest import TINY_RUN, run_cli
-
-
-def _check_run_dir(run_dir: Path) -> dict[str, float]:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    for name in REQUIRED_TEST_METRICS:
-        assert isinstance(metrics[name], float), name
-        if name != "test/loss":
-            assert 0.0 <= metrics[name] <= 1.0, (name, metrics[name])
-    assert math.isfinite(metrics["test/loss"]) and metrics["test/loss"] >= 0
-    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert (run_dir / "predictions.png").stat().st_size > 1000
-    assert (run_dir / "config.yaml").is_file()
-    assert (run_dir / "csv" / "metrics.csv").is_file()
-    return metrics
+from .conftest import TINY_RUN, check_run_dir, run_cli
 
 
 def test_train_and_test_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
@@ -36,7 +18,7 @@ def test_train_and_test_end_to_end(synthetic_root: Path, tmp_path: Path) -> None
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    metrics = _check_run_dir(run_dir)
+    metrics = check_run_dir(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     assert info["encoder"] == "resnet18" and info["split"] == "patient"
     assert info["parameters"] > 1_000_000
@@ -67,7 +49,7 @@ def test_multirun_gives_each_job_its_directory(synthetic_root: Path, tmp_path: P
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert jobs == ["0_unet_resnet18", "1_unet_mobilenet_v2"]
     for job in jobs:
-        _check_run_dir(sweep / job)
+        check_run_dir(sweep / job)
         assert json.loads((sweep / job / "run.json").read_text())["encoder"] in job
 
 

@@ -15,16 +15,22 @@ log = logging.getLogger(__name__)
 
 
 class PredictionFigure(pl.Callback):
-    """During testing, keep the first ``per_class`` slices with tumour and without, then draw
-    them (slice, true mask, predicted mask) into ``path`` - the paper's Fig. 5."""
+    """Draw test slices with and without tumour (slice, true mask, predicted mask) into
+    ``path`` - the paper's Fig. 5.
+
+    Tumour rows show, for up to ``per_class`` patients, the slice with the largest true tumour
+    area; tumour-free rows show, for up to ``per_class`` patients, the brightest tumour-free
+    slice (the most brain in view). One row per patient is kept in memory.
+    """
 
     def __init__(self, path: str, per_class: int = 3) -> None:
         self.path = Path(path)
         self.per_class = per_class
-        self._rows: dict[bool, list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]] = {}
+        self._tumour: dict[int, tuple[float, tuple]] = {}
+        self._free: dict[int, tuple[float, tuple]] = {}
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._rows = {True: [], False: []}
+        self._tumour, self._free = {}, {}
 
     def on_test_batch_end(
         self,
@@ -37,28 +43,37 @@ class PredictionFigure(pl.Callback):
     ) -> None:
         if not isinstance(outputs, dict) or "probs" not in outputs:
             return
-        if all(len(v) >= self.per_class for v in self._rows.values()):
-            return
         masks = batch["mask"][:, 0].cpu().numpy() > 0
         preds = outputs["probs"][:, 0].float().cpu().numpy() >= pl_module.threshold
-        datamodule = trainer.datamodule
-        patients = getattr(datamodule, "patients", None)
         for i in range(len(masks)):
-            rows = self._rows[bool(masks[i].any())]
-            if len(rows) >= self.per_class:
-                continue
-            image = batch["image"][i : i + 1].float().cpu().numpy()
-            pre = getattr(datamodule, "preprocessing", {"mean": (0, 0, 0), "std": (1, 1, 1)})
-            shown = denormalize(image, pre["mean"], pre["std"])[0]
             pid = int(batch["patient"][i])
-            name = patients[pid] if patients else f"patient {pid}"
-            title = f"{name} slice {int(batch['slice'][i])}"
-            rows.append((shown, masks[i].astype(np.uint8), preds[i].astype(np.uint8), title))
+            area = float(masks[i].sum())
+            row = (
+                batch["image"][i].float().cpu().numpy(),
+                masks[i],
+                preds[i],
+                pid,
+                int(batch["slice"][i]),
+            )
+            kept, score = (self._tumour, area) if area > 0 else (self._free, float(row[0].mean()))
+            if pid not in kept or score > kept[pid][0]:
+                kept[pid] = (score, row)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rows = self._rows[True] + self._rows[False]
-        if not rows or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
             return
-        images, truths, preds, titles = zip(*rows, strict=True)
-        plot_predictions(np.stack(images), np.stack(truths), np.stack(preds), titles, self.path)
+        tumour = [row for _, row in self._tumour.values()][: self.per_class]
+        free = [row for _, row in self._free.values()][: self.per_class]
+        rows = tumour + free
+        if not rows:
+            return
+        datamodule = trainer.datamodule
+        pre = getattr(datamodule, "preprocessing", {"mean": (0, 0, 0), "std": (1, 1, 1)})
+        patients = getattr(datamodule, "patients", None)
+        images = denormalize(np.stack([r[0] for r in rows]), pre["mean"], pre["std"])
+        titles = [f"{patients[r[3]] if patients else f'patient {r[3]}'} slice {r[4]}" for r in rows]
+        truths = np.stack([r[1] for r in rows]).astype(np.uint8)
+        preds = np.stack([r[2] for r in rows]).astype(np.uint8)
+        plot_predictions(images, truths, preds, titles, self.path)
+        self._tumour, self._free = {}, {}
         log.info("Prediction figure written to %s", self.path)
