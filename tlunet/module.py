@@ -26,6 +26,11 @@ class SegmentationModule(pl.LightningModule):
         scheduler: partial taking ``optimizer`` (e.g. ``ReduceLROnPlateau``), or ``None``.
         monitor: the logged metric the scheduler follows (e.g. ``val/dice_per_patient``).
         threshold: probability at or above which a pixel is tumour.
+        aux_head: the image-level head (:class:`tlunet.models.aux_head.AuxHead`) fed with the
+            deepest ``net.encoder`` features, or ``None``. Its cross-entropy, times
+            ``aux_loss_weight``, is added to the loss; its probability drives ``detect_*``.
+        freeze_encoder: keep ``net.encoder`` frozen (no gradient, BatchNorm statistics fixed)...
+        unfreeze_at_epoch: ...until this epoch (0-based); ``None``: for the whole run.
         run_config: the run's composed config, stored in checkpoints so they are self-describing.
     """
 
@@ -38,6 +43,10 @@ class SegmentationModule(pl.LightningModule):
         monitor: str = "val/dice_per_patient",
         threshold: float = 0.5,
         run_config: dict[str, Any] | None = None,
+        aux_head: nn.Module | None = None,
+        aux_loss_weight: float = 0.2,
+        freeze_encoder: bool = False,
+        unfreeze_at_epoch: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(run_config, DictConfig):  # plain containers load with weights_only=True
@@ -51,6 +60,16 @@ class SegmentationModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.monitor = monitor
         self.threshold = threshold
+        self.aux_head = aux_head
+        self.aux_loss_weight = aux_loss_weight
+        self._deepest: torch.Tensor | None = None
+        if aux_head is not None:
+            net.encoder.register_forward_hook(self._keep_deepest)
+        self.freeze_encoder = freeze_encoder
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+        self._encoder_frozen = False
+        if freeze_encoder:
+            self.set_encoder_frozen(True)
         #: The last computed metrics of each stage, full precision (``{"val/dice": ...}``).
         self.epoch_metrics: dict[str, dict[str, float]] = {}
         # Keys carry a suffix: "train" would clash with nn.Module.train.
@@ -62,13 +81,64 @@ class SegmentationModule(pl.LightningModule):
         """Logits (N, 1, H, W) for images (N, 3, H, W)."""
         return self.net(images)
 
+    # -- auxiliary head and encoder freezing -------------------------------------------
+    def _keep_deepest(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self._deepest = output[-1]
+
+    def set_encoder_frozen(self, frozen: bool) -> None:
+        """Freeze (no gradients, eval-mode BatchNorm/dropout) or unfreeze ``net.encoder``."""
+        encoder = self.net.encoder
+        for p in encoder.parameters():
+            p.requires_grad_(not frozen)
+        self._encoder_frozen = frozen
+        encoder.train(self.training and not frozen)
+
+    def train(self, mode: bool = True) -> SegmentationModule:
+        super().train(mode)
+        if mode and self._encoder_frozen:
+            self.net.encoder.eval()  # frozen BatchNorm keeps its running statistics
+        return self
+
+    def apply_freeze_schedule(self, epoch: int) -> None:
+        """Frozen while ``freeze_encoder`` and ``epoch < unfreeze_at_epoch`` (or no unfreeze)."""
+        if not self.freeze_encoder:
+            return
+        frozen = self.unfreeze_at_epoch is None or epoch < self.unfreeze_at_epoch
+        if frozen != self._encoder_frozen:
+            self.set_encoder_frozen(frozen)
+
+    def on_train_epoch_start(self) -> None:
+        self.apply_freeze_schedule(self.current_epoch)
+
+    # -- steps ----------------------------------------------------------------------------
+    def compute_loss(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """Forward pass and loss: (total loss, logits, loss terms, tumour probability or None)."""
+        logits = self(batch["image"]).float()
+        seg_loss = self.loss(logits, batch["mask"])
+        if self.aux_head is None:
+            return seg_loss, logits, {}, None
+        aux_logits = self.aux_head(self._deepest).float()
+        label = (batch["mask"].flatten(1).amax(dim=1) > 0).long()
+        aux_loss = nn.functional.cross_entropy(aux_logits, label)
+        total = seg_loss + self.aux_loss_weight * aux_loss
+        detect_prob = torch.softmax(aux_logits, dim=1)[:, 1]
+        return total, logits, {"loss_seg": seg_loss, "loss_aux": aux_loss}, detect_prob
+
     def _step(
         self, batch: dict[str, torch.Tensor], stage: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["image"]).float()
-        loss = self.loss(logits, batch["mask"])
+        loss, logits, terms, detect_prob = self.compute_loss(batch)
         probs = torch.sigmoid(logits)
-        self.metrics[f"{stage}_metrics"].update(probs.detach(), batch["mask"], batch["patient"])
+        self.metrics[f"{stage}_metrics"].update(
+            probs.detach(),
+            batch["mask"],
+            batch["patient"],
+            None if detect_prob is None else detect_prob.detach(),
+        )
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, on_epoch=True, on_step=False, batch_size=len(logits))
         self.log(
             f"{stage}/loss",
             loss,

@@ -14,7 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from tlunet.errors import ConfigError
 from tlunet.models import count_parameters
+from tlunet.models.aux_head import AuxHead, deepest_channels
 from tlunet.utils import environment_info, write_json_atomic, write_text_atomic
+from tlunet.viz import plot_training_curves
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     net = instantiate(cfg.model.net)
     loss = instantiate(cfg.loss)
+    aux_head = None
+    if cfg.model.get("aux_head"):
+        aux_head = AuxHead(deepest_channels(net), hidden=cfg.model.get("aux_hidden", 256))
+    if cfg.model.get("freeze_encoder") and not hasattr(net, "encoder"):
+        raise ConfigError(f"model.freeze_encoder=true: model '{cfg.model.name}' has no encoder.")
     module = instantiate(
         cfg.module,
         _recursive_=False,
+        aux_head=aux_head,
+        aux_loss_weight=cfg.model.get("aux_loss_weight", 0.2),
+        freeze_encoder=bool(cfg.model.get("freeze_encoder", False)),
+        unfreeze_at_epoch=cfg.model.get("unfreeze_at_epoch"),
         net=net,
         loss=loss,
         optimizer=instantiate(cfg.optimizer),
@@ -119,6 +130,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         missing = [k for k in REQUIRED_TEST_METRICS if k not in metrics]
         if missing:
             log.warning("Test metrics missing from the run: %s", missing)
+
+    metrics_csv = run_dir / "csv" / "metrics.csv"
+    if metrics_csv.exists():
+        plot_training_curves(metrics_csv, run_dir / "curves.png")
 
     run_info = {
         "model": cfg.model.name,

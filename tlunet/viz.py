@@ -58,3 +58,80 @@ def plot_predictions(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """Lightning's CSVLogger file as ``{column: [(epoch, value), ...]}`` (empty cells skipped)."""
+    import csv
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            epoch = row.get("epoch")
+            if epoch in (None, ""):
+                continue
+            for key, value in row.items():
+                if key in ("epoch", "step") or value in (None, ""):
+                    continue
+                series.setdefault(key, []).append((float(epoch), float(value)))
+    return series
+
+
+def plot_training_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
+    """Loss, validation Dice and learning rate per epoch from a run's ``csv/metrics.csv``.
+
+    Returns the written path, or None when the log holds no epoch-level values yet.
+    """
+    series = read_metrics_csv(metrics_csv)
+    panels = [
+        ("loss", ["train/loss", "val/loss"]),
+        ("validation", ["val/dice", "val/dice_per_patient", "val/dice_mean_paper"]),
+        ("learning rate", [k for k in series if k.startswith("lr-")]),
+    ]
+    panels = [(t, [k for k in keys if k in series]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels, strict=True):
+        for key in keys:
+            xs, ys = zip(*series[key], strict=True)
+            ax.plot(xs, ys, marker="o", markersize=2, label=key)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        if title == "learning rate":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_dataset_overview(
+    images: np.ndarray, masks: np.ndarray, titles: Sequence[str], path: str | Path
+) -> Path:
+    """Per-channel view of slices: pre-contrast, FLAIR, post-contrast, RGB, FLAIR + mask contour.
+
+    ``images``: (N, H, W, 3) uint8; ``masks``: (N, H, W) in {0, 1}.
+    """
+    names = ["pre-contrast", "FLAIR", "post-contrast", "RGB", "FLAIR + mask"]
+    n = len(images)
+    fig, axes = plt.subplots(n, 5, figsize=(11, 2.3 * n), squeeze=False)
+    for i in range(n):
+        for c in range(3):
+            axes[i][c].imshow(images[i][..., c], cmap="gray", vmin=0, vmax=255)
+        axes[i][3].imshow(images[i])
+        axes[i][4].imshow(images[i][..., 1], cmap="gray", vmin=0, vmax=255)
+        if masks[i].any():
+            axes[i][4].contour(masks[i], levels=[0.5], colors="r", linewidths=0.8)
+        for j, ax in enumerate(axes[i]):
+            ax.set_title(f"{titles[i]}\n{names[j]}" if j == 0 else names[j], fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -35,6 +35,16 @@ def build_model(
     instead of any download. Extra ``kwargs`` go to the architecture builder.
     """
     builder = get_model_builder(arch)
+    if not getattr(builder, "pretrained_encoder", True):
+        if encoder_weights_path:
+            raise ConfigError(
+                f"Architecture '{arch}' is trained from scratch: it takes no encoder weights "
+                f"(encoder.weights_path={encoder_weights_path})."
+            )
+        try:
+            return builder(in_channels=in_channels, classes=classes, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"Bad option for architecture '{arch}': {exc}") from exc
     check_encoder_name(encoder_name)
     if encoder_weights_path:
         weights_arg = None

@@ -22,12 +22,19 @@ ModelBuilder = Callable[..., nn.Module]
 MODELS: dict[str, ModelBuilder] = {}
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator adding an architecture builder under ``name``."""
+def register_model(
+    name: str, pretrained_encoder: bool = True
+) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator adding an architecture builder under ``name``.
+
+    ``pretrained_encoder=False`` marks a network trained from scratch: its builder is called
+    with ``in_channels``, ``classes`` and its own options only (no encoder name or weights).
+    """
 
     def wrap(fn: ModelBuilder) -> ModelBuilder:
         if name in MODELS and MODELS[name] is not fn:
             raise ValueError(f"An architecture named '{name}' is already registered.")
+        fn.pretrained_encoder = pretrained_encoder  # type: ignore[attr-defined]
         MODELS[name] = fn
         return fn
 

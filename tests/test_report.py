@@ -1,0 +1,70 @@
+"""tlunet.report: rows per run, seeds aggregated, the paper's columns, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tlunet.report import find_runs, main, write_report
+
+
+def _fake_run(root: Path, name: str, model: str, encoder: str, seed: int, dice: float) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    info = {
+        "model": model,
+        "encoder": encoder,
+        "encoder_weights": None,
+        "split": "patient",
+        "image_size": 64,
+        "seed": seed,
+        "epochs": 3,
+        "monitor": "val/dice_per_patient",
+        "best_score": dice - 0.01,
+        "train_time_s": 12.5,
+        "parameters": 1000,
+    }
+    (d / "run.json").write_text(json.dumps(info))
+    metrics = {f"test/{k}": dice for k in ("dice", "iou", "dice_per_patient", "dice_per_image")}
+    metrics |= {"test/dice_mean_paper": 0.99, "test/detect_accuracy": 0.9, "test/loss": 0.3}
+    metrics["test/detect_sensitivity"] = None  # undefined on this split
+    (d / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_rows_groups_and_paper_columns(tmp_path: Path) -> None:
+    _fake_run(tmp_path, "0_unet_densenet121", "unet", "densenet121", 1, 0.70)
+    _fake_run(tmp_path, "1_unet_densenet121", "unet", "densenet121", 2, 0.80)
+    _fake_run(tmp_path, "2_resunet_none", "resunet", "none", 1, 0.60)
+    _fake_run(tmp_path, "3_unet_resnet18", "unet", "resnet18", 1, 0.50)
+    (tmp_path / "4_broken").mkdir()
+    (tmp_path / "4_broken" / "run.json").write_text(json.dumps({"model": "unet", "seed": 3}))
+    files = write_report(tmp_path)
+    rows = list(csv.DictReader(open(files["csv"])))
+    assert len(rows) == 5
+    dense = [r for r in rows if r["encoder"] == "densenet121"]
+    assert dense[0]["paper_mean_dice"] == str(94.26 / 100)
+    assert [r for r in rows if r["model"] == "resunet"][0]["paper_model"] == "ResU-Net (scratch)"
+    assert [r for r in rows if r["encoder"] == "resnet18"][0]["paper_mean_dice"] == ""
+    md = files["md"].read_text()
+    # Two seeds of densenet121: mean 75.00, sample std of (70, 80) = 7.07.
+    assert "| unet | densenet121 | patient | 2 | 99.00 ± 0.00 | 94.26 |" in md
+    assert "| 75.00 ± 7.07 | 75.00 ± 7.07 |" in md
+    assert "| resunet | none | patient | 1 |" in md and "| 81.33 |" in md
+    assert "4_broken (incomplete)" in md
+    assert files["png"].stat().st_size > 1000
+
+
+def test_find_runs_skips_hidden_folders(tmp_path: Path) -> None:
+    _fake_run(tmp_path, "a", "unet", "vgg16", 1, 0.5)
+    _fake_run(tmp_path, ".hydra/x", "unet", "vgg16", 1, 0.5)
+    assert [p.name for p in find_runs(tmp_path)] == ["a"]
+
+
+def test_report_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "missing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 1
+    assert "No runs under" in capsys.readouterr().err

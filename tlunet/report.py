@@ -1,0 +1,288 @@
+"""Compare runs: ``python -m tlunet.report DIR`` writes ``report.md``, ``report.csv`` and
+``report.png`` into DIR (or ``--output``).
+
+Every folder under DIR holding a ``run.json`` is a run (a single run, a multirun's jobs, several
+sweeps). ``report.csv`` has one row per run: model, encoder, split, seed, epochs, the test
+metrics (DESIGN.md names, fractions in [0, 1]), the best validation value, training time,
+parameters, and the paper's Table 1 values (as fractions) where comparable. ``report.md``
+groups runs that differ only in their seed into mean +- standard deviation, beside the paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tlunet.errors import TlunetError
+from tlunet.paper import COMPARABLE, TABLE1, paper_label
+from tlunet.utils import write_text_atomic
+
+#: Test metrics carried into the report, in column order.
+METRICS = (
+    "dice",
+    "iou",
+    "dice_mean_paper",
+    "iou_mean_paper",
+    "dice_per_patient",
+    "dice_per_patient_median",
+    "dice_per_image",
+    "pixel_accuracy",
+    "detect_accuracy",
+    "detect_sensitivity",
+    "detect_specificity",
+    "loss",
+)
+#: Fields that identify a configuration; runs equal in these are seeds of one configuration.
+GROUP_KEYS = ("model", "encoder", "encoder_weights", "split", "image_size")
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories (holding ``run.json``) under ``root``, sorted by path."""
+    return sorted(
+        p.parent
+        for p in root.rglob("run.json")
+        if not any(part.startswith(".") for part in p.relative_to(root).parts[:-1])
+    )
+
+
+def load_run(run_dir: Path, root: Path) -> dict[str, Any]:
+    """One report row from a run directory's ``run.json`` and ``metrics.json``."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TlunetError(f"Cannot read '{run_dir / 'run.json'}': {exc}") from exc
+    metrics_path = run_dir / "metrics.json"
+    metrics: dict[str, Any] = {}
+    if metrics_path.exists():
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise TlunetError(f"Cannot read '{metrics_path}': {exc}") from exc
+    label = paper_label(info.get("model", ""), info.get("encoder", ""))
+    row: dict[str, Any] = {
+        "run": str(run_dir.relative_to(root)) or ".",
+        "complete": bool(metrics),
+        "model": info.get("model"),
+        "encoder": info.get("encoder"),
+        "encoder_weights": info.get("encoder_weights"),
+        "split": info.get("split"),
+        "image_size": info.get("image_size"),
+        "seed": info.get("seed"),
+        "epochs": info.get("epochs"),
+        "monitor": info.get("monitor"),
+        "best_val": info.get("best_score"),
+        "train_time_s": info.get("train_time_s"),
+        "parameters": info.get("parameters"),
+        "paper_model": label,
+    }
+    for name in METRICS:
+        row[name] = metrics.get(f"test/{name}")
+    paper = TABLE1.get(label) if label else None
+    for column, index in COMPARABLE.values():
+        row[f"paper_{column.lower().replace(' ', '_')}"] = paper[index] / 100 if paper else None
+    return row
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    clean = [v for v in values if v is not None and math.isfinite(v)]
+    if not clean:
+        return None, None, 0
+    std = statistics.stdev(clean) if len(clean) > 1 else None
+    return statistics.fmean(clean), std, len(clean)
+
+
+def group_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Aggregate complete runs sharing ``GROUP_KEYS``: mean and std of every metric."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["complete"]:
+            groups.setdefault(tuple(row[k] for k in GROUP_KEYS), []).append(row)
+    out = []
+    for key, members in groups.items():
+        agg: dict[str, Any] = dict(zip(GROUP_KEYS, key, strict=True))
+        agg["runs"] = len(members)
+        agg["seeds"] = sorted({m["seed"] for m in members if m["seed"] is not None})
+        agg["paper_model"] = members[0]["paper_model"]
+        for name in (*METRICS, "best_val", "epochs", "train_time_s"):
+            agg[name] = _mean_std([m[name] for m in members])
+        agg["parameters"] = members[0]["parameters"]
+        out.append(agg)
+    return out
+
+
+def _pct(stat: tuple[float | None, float | None, int]) -> str:
+    mean, std, _ = stat
+    if mean is None:
+        return "n/a"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _num(value: Any, fmt: str = "{:.4g}") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return fmt.format(value) if isinstance(value, float) else str(value)
+
+
+def _paper(label: str | None, index: int) -> str:
+    return f"{TABLE1[label][index]:.2f}" if label in TABLE1 else "—"
+
+
+def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], root: Path) -> str:
+    lines = [
+        f"# tlunet report: {root}",
+        "",
+        f"{len(rows)} runs ({sum(r['complete'] for r in rows)} complete). Values are test-set "
+        "percentages, mean ± standard deviation over the runs (seeds) of one configuration.",
+        "",
+        "## Beside the paper's Table 1",
+        "",
+        "| model | encoder | split | runs | Mean Dice (ours) | Mean Dice (paper) | Mean IoU (ours) "
+        "| Mean IoU (paper) | Accuracy (ours: detect_accuracy) | Accuracy (paper) | tumour Dice "
+        "| Dice per patient | epochs | train time (s) | parameters |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in sorted(groups, key=lambda g: -(g["dice_mean_paper"][0] or -1)):
+        label = g["paper_model"]
+        lines.append(
+            f"| {g['model']} | {g['encoder']} | {g['split']} | {g['runs']} "
+            f"| {_pct(g['dice_mean_paper'])} | {_paper(label, 2)} "
+            f"| {_pct(g['iou_mean_paper'])} | {_paper(label, 1)} "
+            f"| {_pct(g['detect_accuracy'])} | {_paper(label, 0)} "
+            f"| {_pct(g['dice'])} | {_pct(g['dice_per_patient'])} "
+            f"| {_num(g['epochs'][0], '{:.0f}')} | {_num(g['train_time_s'][0], '{:.0f}')} "
+            f"| {_num(g['parameters'], '{:,}')} |"
+        )
+    lines += [
+        "",
+        "How to read it:",
+        "- *Mean Dice/IoU* (`dice_mean_paper`, `iou_mean_paper`) are the paper's metrics: background "
+        "and tumour scores averaged with weights equal to each class's pixel share. Background is "
+        "about 99 % of the pixels, so they stay high even when the tumour is segmented poorly.",
+        "- *tumour Dice* (`dice`) and *Dice per patient* (`dice_per_patient`, mean over patient "
+        "volumes, the dataset authors' metric) measure the tumour itself; they are the numbers to "
+        "compare models by.",
+        "- *Accuracy (paper)* cannot be pixel accuracy (that is > 99 % here); it is read as the "
+        "image-level tumour / no-tumour accuracy, ours `detect_accuracy` (from the auxiliary head "
+        'with `model.aux_head=true`, else from "predicted mask non-empty").',
+        "- The paper split by slices (`split=paper`), which leaks neighbouring slices of a patient "
+        "into the test set; `split=patient` numbers are lower and are the honest ones. The paper's "
+        "Loss column is its own loss and is not compared.",
+        "",
+        "## All runs",
+        "",
+        "| run | model | encoder | split | seed | epochs | "
+        + " | ".join(METRICS)
+        + " | best val | train time (s) |",
+        "|" + "---|" * (8 + len(METRICS)),
+    ]
+    for r in rows:
+        cells = [_num(r[m]) for m in METRICS]
+        status = "" if r["complete"] else " (incomplete)"
+        lines.append(
+            f"| {r['run']}{status} | {r['model']} | {r['encoder']} | {r['split']} | {r['seed']} "
+            f"| {r['epochs']} | " + " | ".join(cells) + f" | {_num(r['best_val'])} "
+            f"| {_num(r['train_time_s'], '{:.0f}')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if v is None else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def bar_chart(groups: list[dict[str, Any]], path: Path) -> Path:
+    """Grouped bars per configuration: Mean Dice (ours, paper), tumour Dice, Dice per patient."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = sorted(groups, key=lambda g: -(g["dice_mean_paper"][0] or -1))
+    names = [f"{g['model']}\n{g['encoder']}" for g in groups]
+    series = [
+        ("Mean Dice (ours)", [g["dice_mean_paper"] for g in groups]),
+        (
+            "Mean Dice (paper)",
+            [
+                (TABLE1[g["paper_model"]][2] / 100, None, 1)
+                if g["paper_model"] in TABLE1
+                else (None, None, 0)
+                for g in groups
+            ],
+        ),
+        ("tumour Dice", [g["dice"] for g in groups]),
+        ("Dice per patient", [g["dice_per_patient"] for g in groups]),
+    ]
+    x = np.arange(len(groups))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) + 2), 4.5))
+    for i, (label, stats) in enumerate(series):
+        means = [100 * s[0] if s[0] is not None else 0 for s in stats]
+        errs = [100 * s[1] if s[1] is not None else 0 for s in stats]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, means, width, yerr=errs, label=label)
+    ax.set_xticks(x, names, fontsize=7)
+    ax.set_ylabel("test set, %")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("tlunet runs beside the paper's Table 1")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(root: str | Path, output: str | Path | None = None) -> dict[str, Path]:
+    """Build the report of every run under ``root``; return the written files."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TlunetError(f"Run directory '{root}' does not exist or is not a folder.")
+    runs = find_runs(root)
+    if not runs:
+        raise TlunetError(
+            f"No runs under '{root}': expected folders holding run.json "
+            "(outputs/runs/<run> or outputs/multiruns/<sweep>)."
+        )
+    rows = [load_run(d, root) for d in runs]
+    groups = group_runs(rows)
+    out = Path(output) if output else root
+    files = {
+        "md": write_text_atomic(out / "report.md", markdown(rows, groups, root)),
+        "csv": write_text_atomic(out / "report.csv", to_csv(rows)),
+    }
+    if groups:
+        files["png"] = bar_chart(groups, out / "report.png")
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tlunet.report", description=__doc__)
+    parser.add_argument("root", help="a run or (multi)run directory, e.g. outputs/multiruns/<date>")
+    parser.add_argument("--output", help="where to write the report (default: the directory)")
+    args = parser.parse_args(argv)
+    try:
+        files = write_report(args.root, args.output)
+    except TlunetError as exc:
+        print(f"tlunet error: {exc}", file=sys.stderr)
+        return 1
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
