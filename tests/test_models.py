@@ -167,3 +167,13 @@ def test_offline_without_cache_gives_instructions(tmp_path: Path) -> None:
     assert "python -m tlunet.models.download resnet18" in out.stdout
     assert "encoder.weights_path=" in out.stdout
     assert "encoder.weights=null" in out.stdout
+
+
+@pytest.mark.parametrize("path", ENCODER_FILES, ids=lambda p: p.stem)
+def test_encoder_file_weights_tag_is_known_to_smp(path: Path) -> None:
+    """encoder.weights=imagenet resolves to a download smp/timm knows for every encoder file."""
+    from tlunet.models.weights import smp_weights_argument
+
+    spec = yaml.safe_load(path.read_text())
+    assert spec["weights"] == "imagenet"
+    assert smp_weights_argument(spec["name"], spec["weights"]) in ("imagenet", True)

@@ -64,16 +64,24 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
     """Lightning's CSVLogger file as ``{column: [(epoch, value), ...]}`` (empty cells skipped)."""
     import csv
 
-    series: dict[str, list[tuple[float, float]]] = {}
     with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            epoch = row.get("epoch")
-            if epoch in (None, ""):
+        rows = list(csv.DictReader(fh))
+    # Rows logged by step only (LearningRateMonitor) take the epoch of the next row that has one.
+    stepped = sorted(
+        (float(r["step"]), float(r["epoch"])) for r in rows if r.get("epoch") and r.get("step")
+    )
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        epoch = row.get("epoch")
+        if not epoch and row.get("step"):
+            later = [e for s, e in stepped if s >= float(row["step"])]
+            epoch = str(later[0]) if later else None
+        if not epoch:
+            continue
+        for key, value in row.items():
+            if key in ("epoch", "step") or value in (None, ""):
                 continue
-            for key, value in row.items():
-                if key in ("epoch", "step") or value in (None, ""):
-                    continue
-                series.setdefault(key, []).append((float(epoch), float(value)))
+            series.setdefault(key, []).append((float(epoch), float(value)))
     return series
 
 
