@@ -205,11 +205,10 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def bar_chart(groups: list[dict[str, Any]], path: Path) -> Path:
     """Grouped bars per configuration: Mean Dice (ours, paper), tumour Dice, Dice per patient."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
+    from tlunet.viz import save_figure  # sets the Agg backend
 
     groups = sorted(groups, key=lambda g: -(g["dice_mean_paper"][0] or -1))
     names = [f"{g['model']}\n{g['encoder']}" for g in groups]
@@ -240,10 +239,7 @@ def bar_chart(groups: list[dict[str, Any]], path: Path) -> Path:
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("tlunet runs beside the paper's Table 1")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_report(root: str | Path, output: str | Path | None = None) -> dict[str, Path]:

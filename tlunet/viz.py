@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` to ``path`` (creating its folder) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def denormalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """(N, 3, H, W) normalised float -> (N, H, W, 3) uint8 for display."""
     mean_a = np.asarray(mean, np.float32)[None, :, None, None]
@@ -53,11 +62,7 @@ def plot_predictions(
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
@@ -111,10 +116,7 @@ def plot_training_curves(metrics_csv: str | Path, path: str | Path) -> Path | No
             ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_dataset_overview(
@@ -138,8 +140,4 @@ def plot_dataset_overview(
             ax.set_title(f"{titles[i]}\n{names[j]}" if j == 0 else names[j], fontsize=7)
             ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

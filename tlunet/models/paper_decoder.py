@@ -60,8 +60,10 @@ class TransposedUNetDecoder(nn.Module):
         return y
 
 
+@register_model("unet_transposed")
 class TransposedUNet(nn.Module):
-    """smp/timm encoder + :class:`TransposedUNetDecoder` + 1x1 convolution."""
+    """The paper's decoder (transposed convolutions) on an smp/timm encoder:
+    smp/timm encoder + :class:`TransposedUNetDecoder` + 1x1 convolution."""
 
     def __init__(
         self,
@@ -87,25 +89,3 @@ class TransposedUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.segmentation_head(self.decoder(self.encoder(x)))
-
-
-@register_model("unet_transposed")
-def unet_transposed(
-    encoder_name: str,
-    encoder_weights: str | bool | None,
-    in_channels: int = 3,
-    classes: int = 1,
-    decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
-    bottleneck_channels: int | None = None,
-    batch_norm: bool = False,
-) -> nn.Module:
-    """The paper's decoder (transposed convolutions) on an smp/timm encoder."""
-    return TransposedUNet(
-        encoder_name,
-        encoder_weights,
-        in_channels,
-        classes,
-        decoder_channels,
-        bottleneck_channels,
-        batch_norm,
-    )
