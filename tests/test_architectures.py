@@ -176,3 +176,10 @@ def test_freeze_for_the_whole_run_survives_train_mode_switches() -> None:
     module.train()  # as Lightning does after each validation
     assert not module.net.encoder.training
     assert all(not p.requires_grad for p in module.net.encoder.parameters())
+
+
+def test_scratch_baseline_rejects_unknown_options() -> None:
+    from tlunet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Bad option for architecture 'resunet'.*chanels"):
+        build_model("resunet", "none", None, chanels=SMALL)

@@ -11,7 +11,16 @@ import pytest
 from tlunet.report import find_runs, main, write_report
 
 
-def _fake_run(root: Path, name: str, model: str, encoder: str, seed: int, dice: float) -> None:
+def _fake_run(
+    root: Path,
+    name: str,
+    model: str,
+    encoder: str,
+    seed: int,
+    dice: float,
+    aux_head: bool = True,
+    config_hash: str | None = None,
+) -> None:
     d = root / name
     d.mkdir(parents=True)
     info = {
@@ -26,6 +35,8 @@ def _fake_run(root: Path, name: str, model: str, encoder: str, seed: int, dice: 
         "best_score": dice - 0.01,
         "train_time_s": 12.5,
         "parameters": 1000,
+        "aux_head": aux_head,
+        "config_hash": config_hash or f"{model}-{encoder}",
     }
     (d / "run.json").write_text(json.dumps(info))
     metrics = {f"test/{k}": dice for k in ("dice", "iou", "dice_per_patient", "dice_per_image")}
@@ -39,13 +50,17 @@ def test_report_rows_groups_and_paper_columns(tmp_path: Path) -> None:
     _fake_run(tmp_path, "1_unet_densenet121", "unet", "densenet121", 2, 0.80)
     _fake_run(tmp_path, "2_resunet_none", "resunet", "none", 1, 0.60)
     _fake_run(tmp_path, "3_unet_resnet18", "unet", "resnet18", 1, 0.50)
+    # Same model and encoder, other hyper-parameters and no aux head: a configuration of its own.
+    _fake_run(tmp_path, "5_unet_densenet121", "unet", "densenet121", 1, 0.4, False, "other")
     (tmp_path / "4_broken").mkdir()
     (tmp_path / "4_broken" / "run.json").write_text(json.dumps({"model": "unet", "seed": 3}))
     files = write_report(tmp_path)
     rows = list(csv.DictReader(open(files["csv"])))
-    assert len(rows) == 5
+    assert len(rows) == 6
     dense = [r for r in rows if r["encoder"] == "densenet121"]
     assert dense[0]["paper_mean_dice"] == str(94.26 / 100)
+    assert dense[0]["paper_accuracy"] == str(94.22 / 100)
+    assert dense[-1]["paper_accuracy"] == ""  # no aux head: the paper's Accuracy is not comparable
     assert [r for r in rows if r["model"] == "resunet"][0]["paper_model"] == "ResU-Net (scratch)"
     assert [r for r in rows if r["encoder"] == "resnet18"][0]["paper_mean_dice"] == ""
     md = files["md"].read_text()
@@ -54,6 +69,7 @@ def test_report_rows_groups_and_paper_columns(tmp_path: Path) -> None:
     assert "| 75.00 ± 7.07 | 75.00 ± 7.07 |" in md
     assert "| resunet | none | patient | 1 |" in md and "| 81.33 |" in md
     assert "4_broken (incomplete)" in md
+    assert "| unet | densenet121 | patient | 1 | 99.00 | 94.26 | n/a | 91.14 | 90.00 | — |" in md
     assert files["png"].stat().st_size > 1000
 
 

@@ -111,3 +111,18 @@ def test_misspelled_key(tmp_path: Path) -> None:
     out = run_cli(["tlunet.train", "data.rot=/x"], cwd=tmp_path)
     assert out.returncode != 0
     assert "Key 'rot' is not in struct" in out.stderr
+
+
+def test_freezing_a_scratch_model_is_refused(synthetic_root: Path, tmp_path: Path) -> None:
+    out = run_cli(
+        [
+            "tlunet.train",
+            *TINY_RUN,
+            "model=resunet",
+            "model.freeze_encoder=true",
+            f"data.root={synthetic_root}",
+            f"hydra.run.dir={tmp_path / 'r'}",
+        ],
+        cwd=tmp_path,
+    )
+    _assert_user_error(out, "model 'resunet' has no pretrained encoder")

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import tlunet
+from tlunet.errors import ConfigError
 from tlunet.metrics import SegmentationMetrics, prefixed
 
 STAGES = ("train", "val", "test")
@@ -64,7 +65,7 @@ class SegmentationModule(pl.LightningModule):
         self.aux_loss_weight = aux_loss_weight
         self._deepest: torch.Tensor | None = None
         if aux_head is not None:
-            net.encoder.register_forward_hook(self._keep_deepest)
+            self._hook = net.encoder.register_forward_hook(self._keep_deepest)
         self.freeze_encoder = freeze_encoder
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self._encoder_frozen = False
@@ -107,6 +108,19 @@ class SegmentationModule(pl.LightningModule):
         if frozen != self._encoder_frozen:
             self.set_encoder_frozen(frozen)
 
+    def on_fit_start(self) -> None:
+        if (
+            self.freeze_encoder
+            and self.unfreeze_at_epoch is not None
+            and self.trainer.world_size > 1
+        ):
+            # DDP leaves parameters without requires_grad out of gradient synchronisation for
+            # good: unfrozen encoders would drift apart between processes.
+            raise ConfigError(
+                "model.unfreeze_at_epoch is not supported with more than one process; "
+                "freeze for the whole run or train on one device."
+            )
+
     def on_train_epoch_start(self) -> None:
         self.apply_freeze_schedule(self.current_epoch)
 
@@ -137,16 +151,15 @@ class SegmentationModule(pl.LightningModule):
             batch["patient"],
             None if detect_prob is None else detect_prob.detach(),
         )
-        for name, value in terms.items():
-            self.log(f"{stage}/{name}", value, on_epoch=True, on_step=False, batch_size=len(logits))
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_epoch=True,
-            on_step=False,
-            batch_size=len(logits),
-            sync_dist=True,
-        )
+        for name, value in {"loss": loss, **terms}.items():
+            self.log(
+                f"{stage}/{name}",
+                value,
+                on_epoch=True,
+                on_step=False,
+                batch_size=len(logits),
+                sync_dist=True,
+            )
         if stage == "train":
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss, probs

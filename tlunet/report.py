@@ -41,7 +41,7 @@ METRICS = (
     "loss",
 )
 #: Fields that identify a configuration; runs equal in these are seeds of one configuration.
-GROUP_KEYS = ("model", "encoder", "encoder_weights", "split", "image_size")
+GROUP_KEYS = ("model", "encoder", "encoder_weights", "split", "image_size", "config_hash")
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -82,12 +82,18 @@ def load_run(run_dir: Path, root: Path) -> dict[str, Any]:
         "train_time_s": info.get("train_time_s"),
         "parameters": info.get("parameters"),
         "paper_model": label,
+        "aux_head": info.get("aux_head"),
+        "config_hash": info.get("config_hash"),
     }
     for name in METRICS:
         row[name] = metrics.get(f"test/{name}")
     paper = TABLE1.get(label) if label else None
     for column, index in COMPARABLE.values():
-        row[f"paper_{column.lower().replace(' ', '_')}"] = paper[index] / 100 if paper else None
+        # The paper's Accuracy is its image-level head's: only comparable with ours from a head.
+        comparable = paper and (column != "Accuracy" or row["aux_head"])
+        row[f"paper_{column.lower().replace(' ', '_')}"] = (
+            paper[index] / 100 if comparable else None
+        )
     return row
 
 
@@ -111,6 +117,7 @@ def group_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         agg["runs"] = len(members)
         agg["seeds"] = sorted({m["seed"] for m in members if m["seed"] is not None})
         agg["paper_model"] = members[0]["paper_model"]
+        agg["aux_head"] = members[0]["aux_head"]
         for name in (*METRICS, "best_val", "epochs", "train_time_s"):
             agg[name] = _mean_std([m[name] for m in members])
         agg["parameters"] = members[0]["parameters"]
@@ -155,7 +162,7 @@ def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], root: Pat
             f"| {g['model']} | {g['encoder']} | {g['split']} | {g['runs']} "
             f"| {_pct(g['dice_mean_paper'])} | {_paper(label, 2)} "
             f"| {_pct(g['iou_mean_paper'])} | {_paper(label, 1)} "
-            f"| {_pct(g['detect_accuracy'])} | {_paper(label, 0)} "
+            f"| {_pct(g['detect_accuracy'])} | {_paper(label, 0) if g['aux_head'] else '—'} "
             f"| {_pct(g['dice'])} | {_pct(g['dice_per_patient'])} "
             f"| {_num(g['epochs'][0], '{:.0f}')} | {_num(g['train_time_s'][0], '{:.0f}')} "
             f"| {_num(g['parameters'], '{:,}')} |"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tlunet.errors import ConfigError
-from tlunet.models import count_parameters
+from tlunet.models import MODELS, count_parameters
 from tlunet.models.aux_head import AuxHead, deepest_channels
 from tlunet.utils import environment_info, write_json_atomic, write_text_atomic
 from tlunet.viz import plot_training_curves
@@ -63,6 +65,29 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[A
     )
 
 
+def _has_pretrained_encoder(cfg: DictConfig, net: Any) -> bool:
+    builder = MODELS.get(cfg.model.net.get("arch", ""))
+    return hasattr(net, "encoder") and getattr(builder, "pretrained_encoder", True)
+
+
+#: Config keys that do not change what a run computes: left out of ``config_hash``.
+_HASH_EXCLUDED = ("seed", "paths", "callbacks", "logger", "test", "task_name")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Short hash of the resolved config minus the seed, paths, loggers and callbacks: runs with
+    equal hashes are seeds of one configuration (``tlunet.report`` groups them)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in _HASH_EXCLUDED:
+        container.pop(key, None)
+    data = dict(container.get("data", {}))
+    data.pop("num_workers", None)
+    data.pop("cache_dir", None)
+    container["data"] = data
+    text = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the model of ``cfg``, test its best checkpoint, write the run's files.
 
@@ -87,8 +112,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     aux_head = None
     if cfg.model.get("aux_head"):
         aux_head = AuxHead(deepest_channels(net), hidden=cfg.model.get("aux_hidden", 256))
-    if cfg.model.get("freeze_encoder") and not hasattr(net, "encoder"):
-        raise ConfigError(f"model.freeze_encoder=true: model '{cfg.model.name}' has no encoder.")
+    if cfg.model.get("freeze_encoder") and not _has_pretrained_encoder(cfg, net):
+        raise ConfigError(
+            f"model.freeze_encoder=true: model '{cfg.model.name}' has no pretrained encoder "
+            "to keep frozen (it is trained from scratch)."
+        )
     module = instantiate(
         cfg.module,
         _recursive_=False,
@@ -133,7 +161,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics_csv = run_dir / "csv" / "metrics.csv"
     if metrics_csv.exists():
-        plot_training_curves(metrics_csv, run_dir / "curves.png")
+        try:
+            plot_training_curves(metrics_csv, run_dir / "curves.png")
+        except Exception as exc:  # a figure must never cost the run's results
+            log.warning("Could not draw the training curves: %s", exc)
 
     run_info = {
         "model": cfg.model.name,
@@ -150,7 +181,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best_path or None,
         "train_time_s": round(train_time, 3),
         "test_time_s": round(test_time, 3) if test_time is not None else None,
-        "parameters": count_parameters(net),
+        "parameters": count_parameters(module),
+        "config_hash": config_hash(cfg),
+        "aux_head": bool(cfg.model.get("aux_head", False)),
+        "freeze_encoder": bool(cfg.model.get("freeze_encoder", False)),
+        "unfreeze_at_epoch": cfg.model.get("unfreeze_at_epoch"),
         "precision": str(trainer.precision),
         "preprocessing": datamodule.preprocessing,
         "patients": {s: datamodule.stage_patients(s) for s in ("train", "val", "test")},

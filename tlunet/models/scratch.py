@@ -108,7 +108,6 @@ def unet_scratch(
     classes: int = 1,
     channels: Sequence[int] = (64, 128, 256, 512, 1024),
     batch_norm: bool = True,
-    **_: object,
 ) -> nn.Module:
     """The classic U-Net (Ronneberger et al. 2015), double 3x3 conv + ReLU blocks."""
     return ScratchUNet(DoubleConv, in_channels, classes, channels, batch_norm)
@@ -120,7 +119,6 @@ def resunet(
     classes: int = 1,
     channels: Sequence[int] = (64, 128, 256, 512, 1024),
     batch_norm: bool = True,
-    **_: object,
 ) -> nn.Module:
     """ResU-Net: the U-Net with residual blocks in encoder and decoder."""
     return ScratchUNet(ResidualBlock, in_channels, classes, channels, batch_norm)
