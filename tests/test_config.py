@@ -90,3 +90,21 @@ def test_misspelled_key_is_rejected() -> None:
 def test_unknown_group_option_is_rejected() -> None:
     with pytest.raises(ConfigCompositionException, match="encoder/densnet"):
         compose_config(["encoder=densnet"])
+
+
+def test_config_hash_ignores_seed_fold_and_run_directory() -> None:
+    from omegaconf import OmegaConf
+
+    from tlunet.run import config_hash
+
+    def composed(*extra: str) -> str:
+        cfg = compose_config(["data.root=/d", "data.num_folds=3", *extra])
+        OmegaConf.set_struct(cfg, False)
+        cfg.paths.output_dir = f"/runs/{hash(extra)}"  # the Hydra run directory
+        cfg.trainer.default_root_dir = cfg.paths.output_dir
+        return config_hash(cfg)
+
+    base = composed()
+    assert composed("seed=7", "data.fold=2") == base
+    assert composed("optimizer.lr=0.001") != base
+    assert composed("encoder=vgg16") != base

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from .conftest import TINY_RUN, check_run_dir, run_cli
@@ -93,3 +94,35 @@ def test_optuna_search_runs_trials(synthetic_root: Path, tmp_path: Path) -> None
     assert len(jobs) == 2
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in best and "optimizer.lr" in best
+
+
+def test_three_fold_cross_validation_and_report(synthetic_root: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "cv"
+    out = run_cli(
+        [
+            "tlunet.train",
+            "-m",
+            *TINY_RUN,
+            "data.num_folds=3",
+            "data.fold=0,1,2",
+            f"data.root={synthetic_root}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 3
+    infos = [json.loads((j / "run.json").read_text()) for j in jobs]
+    assert [i["fold"] for i in infos] == [0, 1, 2]
+    tests = [set(i["patients"]["test"]) for i in infos]
+    assert all(tests[a].isdisjoint(tests[b]) for a in range(3) for b in range(a + 1, 3))
+    assert len(set.union(*tests)) == 6  # every synthetic patient is tested once
+    assert len({i["config_hash"] for i in infos}) == 1
+    report = run_cli(["tlunet.report", str(sweep)], cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    md = (sweep / "report.md").read_text()
+    assert "| unet | resnet18 | patient (3 folds) | 3 |" in md
+    assert " ± " in md.split("## All runs")[0]
+    rows = list(csv.DictReader(open(sweep / "report.csv")))
+    assert sorted(r["fold"] for r in rows) == ["0", "1", "2"]

@@ -40,7 +40,8 @@ METRICS = (
     "detect_specificity",
     "loss",
 )
-#: Fields that identify a configuration; runs equal in these are seeds of one configuration.
+#: Fields that identify a configuration; runs equal in these are seeds (or folds) of one
+#: configuration. ``config_hash`` leaves out the seed and ``data.fold``.
 GROUP_KEYS = ("model", "encoder", "encoder_weights", "split", "image_size", "config_hash")
 
 
@@ -76,6 +77,7 @@ def load_run(run_dir: Path, root: Path) -> dict[str, Any]:
         "split": info.get("split"),
         "image_size": info.get("image_size"),
         "seed": info.get("seed"),
+        "fold": info.get("fold"),
         "epochs": info.get("epochs"),
         "monitor": info.get("monitor"),
         "best_val": info.get("best_score"),
@@ -116,6 +118,7 @@ def group_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         agg: dict[str, Any] = dict(zip(GROUP_KEYS, key, strict=True))
         agg["runs"] = len(members)
         agg["seeds"] = sorted({m["seed"] for m in members if m["seed"] is not None})
+        agg["folds"] = sorted({m["fold"] for m in members if m["fold"] is not None})
         agg["paper_model"] = members[0]["paper_model"]
         agg["aux_head"] = members[0]["aux_head"]
         for name in (*METRICS, "best_val", "epochs", "train_time_s"):
@@ -142,12 +145,18 @@ def _paper(label: str | None, index: int) -> str:
     return f"{TABLE1[label][index]:.2f}" if label in TABLE1 else "—"
 
 
+def _split_label(group: dict[str, Any]) -> str:
+    folds = group.get("folds") or []
+    return f"{group['split']} ({len(folds)} folds)" if folds else str(group["split"])
+
+
 def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], root: Path) -> str:
     lines = [
         f"# tlunet report: {root}",
         "",
         f"{len(rows)} runs ({sum(r['complete'] for r in rows)} complete). Values are test-set "
-        "percentages, mean ± standard deviation over the runs (seeds) of one configuration.",
+        "percentages, mean ± standard deviation over the runs (seeds, or cross-validation folds) of "
+        "one configuration.",
         "",
         "## Beside the paper's Table 1",
         "",
@@ -159,7 +168,7 @@ def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], root: Pat
     for g in sorted(groups, key=lambda g: -(g["dice_mean_paper"][0] or -1)):
         label = g["paper_model"]
         lines.append(
-            f"| {g['model']} | {g['encoder']} | {g['split']} | {g['runs']} "
+            f"| {g['model']} | {g['encoder']} | {_split_label(g)} | {g['runs']} "
             f"| {_pct(g['dice_mean_paper'])} | {_paper(label, 2)} "
             f"| {_pct(g['iou_mean_paper'])} | {_paper(label, 1)} "
             f"| {_pct(g['detect_accuracy'])} | {_paper(label, 0) if g['aux_head'] else '—'} "
@@ -185,16 +194,16 @@ def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], root: Pat
         "",
         "## All runs",
         "",
-        "| run | model | encoder | split | seed | epochs | "
+        "| run | model | encoder | split | seed | fold | epochs | "
         + " | ".join(METRICS)
         + " | best val | train time (s) |",
-        "|" + "---|" * (8 + len(METRICS)),
+        "|" + "---|" * (9 + len(METRICS)),
     ]
     for r in rows:
         cells = [_num(r[m]) for m in METRICS]
         status = "" if r["complete"] else " (incomplete)"
         lines.append(
-            f"| {r['run']}{status} | {r['model']} | {r['encoder']} | {r['split']} | {r['seed']} "
+            f"| {r['run']}{status} | {r['model']} | {r['encoder']} | {r['split']} | {r['seed']} | {_num(r['fold'])} "
             f"| {r['epochs']} | " + " | ".join(cells) + f" | {_num(r['best_val'])} "
             f"| {_num(r['train_time_s'], '{:.0f}')} |"
         )

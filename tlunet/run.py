@@ -82,8 +82,12 @@ def config_hash(cfg: DictConfig) -> str:
         container.pop(key, None)
     data = dict(container.get("data", {}))
     data.pop("num_workers", None)
+    data.pop("fold", None)  # the folds of one cross-validation are one configuration
     data.pop("cache_dir", None)
     container["data"] = data
+    trainer = dict(container.get("trainer", {}))
+    trainer.pop("default_root_dir", None)  # the run directory
+    container["trainer"] = trainer
     text = json.dumps(container, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -172,6 +176,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "encoder_weights": None if cfg.encoder.weights_path else cfg.encoder.weights,
         "encoder_weights_path": cfg.encoder.weights_path,
         "split": cfg.data.split,
+        "num_folds": cfg.data.get("num_folds"),
+        "fold": cfg.data.get("fold") if cfg.data.get("num_folds") else None,
         "seed": cfg.seed,
         "image_size": cfg.data.image_size,
         "epochs": trainer.current_epoch,

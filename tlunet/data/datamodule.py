@@ -15,7 +15,13 @@ from torch.utils.data import DataLoader
 from tlunet.data.cache import DecodedSlices, decode_slices
 from tlunet.data.dataset import SliceDataset
 from tlunet.data.index import SliceRecord, index_kaggle3m
-from tlunet.data.splits import PAPER_SPLIT_SIZES, STAGES, split_by_patient, split_by_slice
+from tlunet.data.splits import (
+    PAPER_SPLIT_SIZES,
+    STAGES,
+    kfold_patient_split,
+    split_by_patient,
+    split_by_slice,
+)
 from tlunet.data.synthetic import write_synthetic_dataset
 from tlunet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, channel_stats
 from tlunet.errors import ConfigError, DataError
@@ -35,6 +41,9 @@ class LGGDataModule(pl.LightningDataModule):
             3005/393/531 proportions, as in the TL-U-Net paper).
         split_fractions: train/val/test fractions of patients for ``split=patient``.
         split_seed: seed of the split shuffle (independent of the training seed).
+        num_folds, fold: patient-level k-fold cross-validation (``split=patient`` only): the
+            test patients are fold ``fold`` of ``num_folds``, validation patients are carved
+            from the others in the proportion of ``split_fractions``. ``None``: no folds.
         image_size: side in pixels the slices are resized to (a multiple of 32).
         batch_size, num_workers, pin_memory, persistent_workers: DataLoader settings.
         normalization: ``imagenet`` (the statistics the pretrained encoders expect) or
@@ -52,6 +61,8 @@ class LGGDataModule(pl.LightningDataModule):
         split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
         split_seed: int = 42,
         paper_split_sizes: Sequence[int] = PAPER_SPLIT_SIZES,
+        num_folds: int | None = None,
+        fold: int = 0,
         image_size: int = 256,
         batch_size: int = 32,
         num_workers: int = 2,
@@ -84,6 +95,13 @@ class LGGDataModule(pl.LightningDataModule):
         self.split_fractions = tuple(split_fractions)
         self.split_seed = split_seed
         self.paper_split_sizes = tuple(paper_split_sizes)
+        if num_folds is not None and split != "patient":
+            raise ConfigError(
+                f"data.num_folds={num_folds} needs data.split=patient (got '{split}'): "
+                "cross-validation folds are sets of whole patients."
+            )
+        self.num_folds = num_folds
+        self.fold = fold
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -149,7 +167,12 @@ class LGGDataModule(pl.LightningDataModule):
         if self.split == "paper":
             rows = split_by_slice(len(self.records), self.paper_split_sizes, self.split_seed)
         else:
-            parts = split_by_patient(self.patients, self.split_fractions, self.split_seed)
+            if self.num_folds is not None:
+                parts = kfold_patient_split(
+                    self.patients, self.num_folds, self.fold, self.split_fractions, self.split_seed
+                )
+            else:
+                parts = split_by_patient(self.patients, self.split_fractions, self.split_seed)
             position = {name: i for i, name in enumerate(self.patients)}
             rows = {
                 stage: np.flatnonzero(np.isin(patient_ids, [position[p] for p in names]))

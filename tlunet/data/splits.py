@@ -84,3 +84,41 @@ def split_by_slice(
         "val": np.sort(order[n_train : n_train + n_val]),
         "test": np.sort(order[n_train + n_val :]),
     }
+
+
+def kfold_patient_split(
+    patients: Sequence[str],
+    num_folds: int,
+    fold: int,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 42,
+) -> dict[str, list[str]]:
+    """Patient-level k-fold cross-validation: fold ``fold`` of ``num_folds``.
+
+    Patients are shuffled with ``seed`` and dealt into ``num_folds`` folds of near-equal size;
+    fold ``fold`` is the test set, so the K test sets are disjoint and cover every patient.
+    Validation patients are carved from the remaining ones in the proportion
+    ``val / (train + val)`` of ``fractions`` (at least one), the rest train.
+    """
+    unique = sorted(set(patients))
+    if num_folds < 2:
+        raise ConfigError(f"data.num_folds={num_folds} must be at least 2 (or null for no folds).")
+    if not 0 <= fold < num_folds:
+        raise ConfigError(
+            f"data.fold={fold} must be in 0..{num_folds - 1} (data.num_folds={num_folds})."
+        )
+    if len(unique) < num_folds + 2:
+        raise DataError(
+            f"Only {len(unique)} patients: too few for {num_folds} folds with a training and a "
+            "validation patient each. Lower data.num_folds."
+        )
+    f_train, f_val, _ = _check_fractions(fractions)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    folds = np.array_split(order, num_folds)
+    test = [unique[i] for i in folds[fold]]
+    rest = [unique[i] for k, part in enumerate(folds) if k != fold for i in part]
+    n_val = max(1, round(len(rest) * f_val / (f_train + f_val)))
+    rest_order = np.random.default_rng(seed + 1 + fold).permutation(len(rest))
+    val = [rest[i] for i in rest_order[:n_val]]
+    train = [rest[i] for i in rest_order[n_val:]]
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
