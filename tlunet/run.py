@@ -92,6 +92,32 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def build_module(cfg: DictConfig, net: Any) -> Any:
+    """The LightningModule of ``cfg`` around ``net``: loss, optimiser, scheduler, aux head,
+    freezing, and the composed config (stored in checkpoints)."""
+    aux_head = None
+    if cfg.model.get("aux_head"):
+        aux_head = AuxHead(deepest_channels(net), hidden=cfg.model.get("aux_hidden", 256))
+    if cfg.model.get("freeze_encoder") and not _has_pretrained_encoder(cfg, net):
+        raise ConfigError(
+            f"model.freeze_encoder=true: model '{cfg.model.name}' has no pretrained encoder "
+            "to keep frozen (it is trained from scratch)."
+        )
+    return instantiate(
+        cfg.module,
+        _recursive_=False,
+        aux_head=aux_head,
+        aux_loss_weight=cfg.model.get("aux_loss_weight", 0.2),
+        freeze_encoder=bool(cfg.model.get("freeze_encoder", False)),
+        unfreeze_at_epoch=cfg.model.get("unfreeze_at_epoch"),
+        net=net,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the model of ``cfg``, test its best checkpoint, write the run's files.
 
@@ -112,28 +138,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "change data.split_fractions or pass test=false."
         )
     net = instantiate(cfg.model.net)
-    loss = instantiate(cfg.loss)
-    aux_head = None
-    if cfg.model.get("aux_head"):
-        aux_head = AuxHead(deepest_channels(net), hidden=cfg.model.get("aux_hidden", 256))
-    if cfg.model.get("freeze_encoder") and not _has_pretrained_encoder(cfg, net):
-        raise ConfigError(
-            f"model.freeze_encoder=true: model '{cfg.model.name}' has no pretrained encoder "
-            "to keep frozen (it is trained from scratch)."
-        )
-    module = instantiate(
-        cfg.module,
-        _recursive_=False,
-        aux_head=aux_head,
-        aux_loss_weight=cfg.model.get("aux_loss_weight", 0.2),
-        freeze_encoder=bool(cfg.model.get("freeze_encoder", False)),
-        unfreeze_at_epoch=cfg.model.get("unfreeze_at_epoch"),
-        net=net,
-        loss=loss,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        run_config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    module = build_module(cfg, net)
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)

@@ -195,7 +195,8 @@ class LGGDataModule(pl.LightningDataModule):
         """Sorted names of the patients with at least one slice in ``stage``."""
         return sorted({self.records[i].patient for i in self.stage_rows[stage]})
 
-    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+    def dataloader(self, stage: str, shuffle: bool = False) -> DataLoader:
+        """The DataLoader over ``stage`` (train, val or test)."""
         dataset = self.datasets[stage]
         return DataLoader(
             dataset,
@@ -208,10 +209,10 @@ class LGGDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self.dataloader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self.dataloader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         if len(self.datasets["test"]) == 0:
@@ -219,4 +220,4 @@ class LGGDataModule(pl.LightningDataModule):
                 f"The {self.split} split of '{self.root}' leaves the test stage empty; "
                 "change data.split_fractions."
             )
-        return self._loader("test", shuffle=False)
+        return self.dataloader("test", shuffle=False)
