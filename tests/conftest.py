@@ -76,6 +76,19 @@ TINY_RUN = [
 ]
 
 
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny training run on the synthetic set (its directory)."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    run_dir = work / "run"
+    out = run_cli(
+        ["tlunet.train", *TINY_RUN, f"data.root={synthetic_root}", f"hydra.run.dir={run_dir}"],
+        cwd=work,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return run_dir
+
+
 def check_run_dir(run_dir: Path) -> dict[str, float]:
     """Assert a finished run directory holds every file and metric a run promises."""
     metrics = json.loads((run_dir / "metrics.json").read_text())

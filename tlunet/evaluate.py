@@ -67,6 +67,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def module_from_checkpoint(checkpoint: dict[str, Any], run_cfg: DictConfig | None = None) -> Any:
+    """The trained LightningModule of ``checkpoint`` (built from its stored config), eval mode."""
+    run_cfg = run_cfg or OmegaConf.create(checkpoint["hyper_parameters"]["config"])
+    run_cfg = run_cfg.copy()
+    # The weights come from the checkpoint: never download encoder weights here.
+    for key in ("encoder_weights", "encoder_weights_path"):
+        if key in run_cfg.model.net:
+            run_cfg.model.net[key] = None
+    module = build_module(run_cfg, instantiate(run_cfg.model.net))
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:
+        raise ConfigError(f"The checkpoint's weights do not match its own config: {exc}") from exc
+    return module.eval()
+
+
 def _csv(header: list[str], rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -136,10 +152,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(
             "data.fold needs data.num_folds (the checkpoint was not trained with folds)."
         )
-    # The weights come from the checkpoint: never download encoder weights here.
-    for key in ("encoder_weights", "encoder_weights_path"):
-        if key in run_cfg.model.net:
-            run_cfg.model.net[key] = None
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -148,8 +160,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("test")
     if len(datamodule.datasets[cfg.stage]) == 0:
         raise ConfigError(f"The {cfg.stage} stage of this split is empty.")
-    module = build_module(run_cfg, instantiate(run_cfg.model.net))
-    module.load_state_dict(checkpoint["state_dict"])
+    module = module_from_checkpoint(checkpoint, run_cfg)
     collector = PredictionCollector()
     trainer = pl.Trainer(
         accelerator=cfg.accelerator,
