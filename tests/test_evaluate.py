@@ -68,6 +68,31 @@ def test_evaluate_reproduces_the_run(tiny_run: Path, tmp_path: Path) -> None:
     assert "test/hd95_per_patient" in again and "test/volume_similarity_per_patient" in again
 
 
+def test_evaluate_options_reported_separately(tiny_run: Path, tmp_path: Path) -> None:
+    eval_dir = tmp_path / "eval"
+    out = run_cli(
+        [
+            "tlunet.evaluate",
+            f"ckpt_path={tiny_run / 'checkpoints' / 'best.ckpt'}",
+            "eval.tta=flip",
+            "eval.postprocess=largest_component",
+            "eval.threshold=auto",
+            f"hydra.run.dir={eval_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = list(csv.DictReader(open(eval_dir / "options.csv")))
+    names = [r["option"] for r in rows]
+    assert names[0] == "baseline" and names[1] == "tta=flip"
+    assert names[2] == "postprocess=largest_component" and names[-1] == "all selected"
+    original = json.loads((tiny_run / "metrics.json").read_text())
+    # The baseline row is the run's own result.
+    assert float(rows[0]["dice"]) == pytest.approx(original["test/dice"], abs=1e-6)
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["test/dice"] == pytest.approx(float(rows[-1]["dice"]), abs=1e-9)
+
+
 def test_evaluate_user_errors(tmp_path: Path) -> None:
     out = run_cli(["tlunet.evaluate", f"ckpt_path={tmp_path / 'nope.ckpt'}"], cwd=tmp_path)
     assert (

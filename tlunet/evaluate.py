@@ -28,6 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tlunet.cli import user_errors_exit
 from tlunet.errors import ConfigError
+from tlunet.metrics import SegmentationMetrics
+from tlunet.postprocess import best_threshold, parse_postprocess, postprocess_volume
 from tlunet.run import build_module
 from tlunet.utils import write_json_atomic, write_text_atomic
 from tlunet.volume_metrics import dice_iou, hd95, volume_similarity
@@ -36,18 +38,47 @@ log = logging.getLogger(__name__)
 
 
 class PredictionCollector(pl.Callback):
-    """Keeps every evaluated slice's binary prediction and truth (uint8) with its identity."""
+    """Keeps every evaluated slice's probabilities (float32), truth (uint8) and identity; with
+    ``tta=True`` also the average of the plain and the horizontally flipped prediction."""
 
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    def __init__(self, tta: bool = False) -> None:
+        self.tta = tta
+        self.rows: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray | None]] = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        preds = (outputs["probs"][:, 0] >= pl_module.threshold).cpu().numpy().astype(np.uint8)
+        probs = outputs["probs"][:, 0].float()
+        tta = None
+        if self.tta:
+            with torch.no_grad():
+                flipped = torch.sigmoid(pl_module(torch.flip(batch["image"], dims=[-1])).float())
+            tta = ((probs + torch.flip(flipped[:, 0], dims=[-1])) / 2).cpu().numpy()
+        probs = probs.cpu().numpy()
         truths = (batch["mask"][:, 0] > 0).cpu().numpy().astype(np.uint8)
-        for i in range(len(preds)):
+        for i in range(len(probs)):
             self.rows.append(
-                (int(batch["patient"][i]), int(batch["slice"][i]), preds[i], truths[i])
+                (
+                    int(batch["patient"][i]),
+                    int(batch["slice"][i]),
+                    probs[i],
+                    truths[i],
+                    None if tta is None else tta[i],
+                )
             )
+
+    def volumes(self, tta: bool = False) -> dict[int, tuple[list[int], np.ndarray, np.ndarray]]:
+        """patient id -> (slice numbers, probabilities (S, H, W), truth (S, H, W)), slice order."""
+        by_patient: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        for pid, number, probs, truth, tta_probs in self.rows:
+            by_patient.setdefault(pid, []).append((number, tta_probs if tta else probs, truth))
+        out = {}
+        for pid, items in by_patient.items():
+            items.sort(key=lambda t: t[0])
+            out[pid] = (
+                [t[0] for t in items],
+                np.stack([t[1] for t in items]),
+                np.stack([t[2] for t in items]),
+            )
+        return out
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -92,22 +123,19 @@ def _csv(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def patient_tables(
-    rows: list[tuple[int, int, np.ndarray, np.ndarray]], names: list[str]
+    volumes: dict[int, tuple[list[int], np.ndarray, np.ndarray]], names: list[str]
 ) -> tuple[list[list[Any]], list[list[Any]], dict[str, float]]:
-    """Per-patient and per-slice tables, and per-patient summary metrics."""
-    by_patient: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-    for pid, number, pred, truth in rows:
-        by_patient.setdefault(pid, []).append((number, pred, truth))
+    """Per-patient and per-slice tables, and per-patient summary metrics, from binary
+    prediction volumes ``patient id -> (slice numbers, prediction, truth)``."""
     patients, slices = [], []
-    for pid in sorted(by_patient, key=lambda p: names[p]):
-        items = sorted(by_patient[pid], key=lambda t: t[0])
-        pred = np.stack([t[1] for t in items]).astype(bool)
-        truth = np.stack([t[2] for t in items]).astype(bool)
+    for pid in sorted(volumes, key=lambda p: names[p]):
+        numbers, pred, truth = volumes[pid]
+        pred, truth = pred.astype(bool), truth.astype(bool)
         dice, iou = dice_iou(pred, truth)
         patients.append(
             [
                 names[pid],
-                len(items),
+                len(numbers),
                 int(truth.sum()),
                 int(pred.sum()),
                 dice,
@@ -116,7 +144,8 @@ def patient_tables(
                 volume_similarity(pred, truth),
             ]
         )
-        for number, p, t in items:
+        for k, number in enumerate(numbers):
+            p, t = pred[k], truth[k]
             slices.append([names[pid], number, int(t.sum()), int(p.sum()), dice_iou(p, t)[0]])
     hd = [r[6] for r in patients if math.isfinite(r[6])]
     truth_any = np.array([r[2] > 0 for r in patients])
@@ -133,6 +162,44 @@ def patient_tables(
         else float("nan"),
     }
     return patients, slices, summary
+
+
+def binarise(
+    volumes: dict[int, tuple[list[int], np.ndarray, np.ndarray]],
+    threshold: float,
+    postprocess: tuple[str, int] | None,
+) -> dict[int, tuple[list[int], np.ndarray, np.ndarray]]:
+    """Threshold probability volumes and post-process each patient's volume."""
+    return {
+        pid: (numbers, postprocess_volume(probs >= threshold, postprocess), truth)
+        for pid, (numbers, probs, truth) in volumes.items()
+    }
+
+
+def volume_metrics(
+    volumes: dict[int, tuple[list[int], np.ndarray, np.ndarray]], names: list[str]
+) -> tuple[dict[str, float], list[list[Any]], list[list[Any]]]:
+    """The whole metric vocabulary of binary prediction volumes, plus the per-patient tables."""
+    metric = SegmentationMetrics(threshold=0.5)
+    for pid, (_, pred, truth) in volumes.items():
+        metric.update(
+            torch.from_numpy(pred.astype(np.float32)),
+            torch.from_numpy(truth.astype(np.float32)),
+            torch.full((len(pred),), pid, dtype=torch.long),
+        )
+    values = metric.compute()
+    patients, slices, summary = patient_tables(volumes, names)
+    return {**values, **summary}, patients, slices
+
+
+def _collect(trainer: pl.Trainer, module: Any, loader: Any, tta: bool) -> PredictionCollector:
+    collector = PredictionCollector(tta)
+    trainer.callbacks.append(collector)
+    try:
+        trainer.test(module, dataloaders=loader, verbose=False)
+    finally:
+        trainer.callbacks.remove(collector)
+    return collector
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -161,22 +228,80 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if len(datamodule.datasets[cfg.stage]) == 0:
         raise ConfigError(f"The {cfg.stage} stage of this split is empty.")
     module = module_from_checkpoint(checkpoint, run_cfg)
-    collector = PredictionCollector()
+    options = cfg.get("eval") or {}
+    tta = options.get("tta")
+    if tta not in (None, "flip"):
+        raise ConfigError(f"eval.tta='{tta}' is unknown; use flip or null.")
+    postprocess = parse_postprocess(options.get("postprocess"))
+    threshold_option = options.get("threshold")
     trainer = pl.Trainer(
         accelerator=cfg.accelerator,
         devices=1,
         logger=False,
-        callbacks=[collector],
+        callbacks=[],
         enable_progress_bar=False,
         enable_model_summary=False,
         precision="32-true",
     )
     loader = datamodule.dataloader(cfg.stage, shuffle=False)
-    results = trainer.test(module, dataloaders=loader, verbose=False)
-    values = {**results[0], **module.epoch_metrics["test"]}
-    metrics = {k.replace("test/", f"{cfg.stage}/", 1): float(v) for k, v in values.items()}
-    patients, slices, summary = patient_tables(collector.rows, datamodule.patients)
-    metrics |= {f"{cfg.stage}/{k}": v for k, v in summary.items()}
+    collector = _collect(trainer, module, loader, tta == "flip")
+    baseline = {**trainer.callback_metrics, **module.epoch_metrics["test"]}
+    names = datamodule.patients
+    plain = collector.volumes()
+
+    threshold = module.threshold
+    if threshold_option == "auto":
+        # Chosen on the validation stage, never on the evaluated one.
+        val = _collect(trainer, module, datamodule.dataloader("val"), tta == "flip")
+        val_volumes = val.volumes(tta == "flip")
+        threshold, val_dice = best_threshold(
+            np.concatenate([v[1].ravel() for v in val_volumes.values()]),
+            np.concatenate([v[2].ravel() for v in val_volumes.values()]),
+        )
+        log.info("eval.threshold=auto: %.2f (validation Dice %.4f)", threshold, val_dice)
+    elif threshold_option is not None:
+        threshold = float(threshold_option)
+        if not 0 < threshold < 1:
+            raise ConfigError(f"eval.threshold={threshold_option} must be in (0, 1) or auto.")
+
+    # Every option alone, then all together: the effect of each is visible.
+    variants = [("baseline", plain, module.threshold, None)]
+    if tta == "flip":
+        variants.append(("tta=flip", collector.volumes(tta=True), module.threshold, None))
+    if postprocess is not None:
+        variants.append(
+            (f"postprocess={options.get('postprocess')}", plain, module.threshold, postprocess)
+        )
+    if threshold != module.threshold:
+        variants.append((f"threshold={threshold:.2f}", plain, threshold, None))
+    selected_probs = collector.volumes(tta=True) if tta == "flip" else plain
+    if len(variants) > 2:
+        variants.append(("all selected", selected_probs, threshold, postprocess))
+    table = []
+    for name, volumes, thr, pp in variants:
+        values, patients, slices = volume_metrics(binarise(volumes, thr, pp), names)
+        table.append((name, thr, values))
+    # metrics.json, per_patient.csv, per_slice.csv: the selected options (the last variant).
+    metrics = {f"{cfg.stage}/{k}": float(v) for k, v in table[-1][2].items()}
+    metrics[f"{cfg.stage}/loss"] = float(baseline["test/loss"])  # the model's, without options
+    if len(table) == 1:  # no option: exactly the run's own computation
+        metrics |= {k.replace("test/", f"{cfg.stage}/", 1): float(v) for k, v in baseline.items()}
+    columns = [
+        "dice",
+        "iou",
+        "dice_per_patient",
+        "dice_per_image",
+        "hd95_per_patient",
+        "volume_similarity_per_patient",
+        "detect_accuracy",
+    ]
+    write_text_atomic(
+        out_dir / "options.csv",
+        _csv(
+            ["option", "threshold", *columns],
+            [[name, thr, *[values[c] for c in columns]] for name, thr, values in table],
+        ),
+    )
     write_text_atomic(
         out_dir / "per_patient.csv",
         _csv(

@@ -1,0 +1,43 @@
+"""Post-processing of predicted volumes and automatic threshold selection, by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tlunet.errors import ConfigError
+from tlunet.postprocess import best_threshold, parse_postprocess, postprocess_volume
+
+
+def _volume() -> np.ndarray:
+    v = np.zeros((3, 8, 8), bool)
+    v[0:2, 1:3, 1:3] = True  # 8 voxels across two slices: one 3D component
+    v[2, 6, 6] = True  # 1 voxel
+    v[1, 5:7, 0:2] = True  # 4 voxels
+    return v
+
+
+def test_largest_component_is_3d() -> None:
+    out = postprocess_volume(_volume(), parse_postprocess("largest_component"))
+    assert out.sum() == 8 and out[0:2, 1:3, 1:3].all()
+
+
+def test_min_size_removes_small_components() -> None:
+    out = postprocess_volume(_volume(), parse_postprocess("min_size=4"))
+    assert out.sum() == 12 and not out[2, 6, 6]
+    assert postprocess_volume(_volume(), None).sum() == 13
+    assert not postprocess_volume(np.zeros((2, 4, 4)), parse_postprocess("largest_component")).any()
+
+
+@pytest.mark.parametrize("spec", ["biggest", "min_size=0", "min_size=x"])
+def test_bad_postprocess(spec: str) -> None:
+    with pytest.raises(ConfigError, match="eval.postprocess"):
+        parse_postprocess(spec)
+
+
+def test_best_threshold_maximises_dice() -> None:
+    truth = np.array([1, 1, 0, 0, 0], bool)
+    probs = np.array([0.9, 0.35, 0.3, 0.1, 0.05])
+    # t <= 0.30 adds a false positive; 0.30 < t <= 0.35 is perfect; above 0.35 misses one.
+    threshold, dice = best_threshold(probs, truth)
+    assert threshold == pytest.approx(0.35) and dice == pytest.approx(1.0)
