@@ -24,11 +24,12 @@ def _check_outputs(source_files: list[Path], out: Path) -> None:
     assert sorted(rows) == sorted(f.name for f in source_files)
     for f in source_files:
         image = tifffile.imread(f) if f.suffix == ".tif" else cv2.imread(str(f))
-        mask = tifffile.imread(out / f"{f.stem}_mask.tif")
+        mask = tifffile.imread(out / "masks" / f"{f.stem}.tif")
         assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
         assert set(np.unique(mask).tolist()) <= {0, 255}
         assert int(rows[f.name]["tumour_pixels"]) == int((mask > 0).sum())
-        assert cv2.imread(str(out / f"{f.stem}_overlay.png")).shape == (*image.shape[:2], 3)
+        assert cv2.imread(str(out / "overlays" / f"{f.stem}.png")).shape == (*image.shape[:2], 3)
+    assert sorted(p.stem for p in (out / "masks").iterdir()) == sorted(f.stem for f in source_files)
 
 
 def test_predict_patient_folder_file_and_png(

@@ -4,9 +4,9 @@
 
 PATH is a .tif/.png slice (H, W, 3 uint8: pre-contrast, FLAIR, post-contrast), a folder of
 slices, or a kaggle_3m patient folder (its ``*_mask.tif`` files are ignored). For every slice
-``<name>.<ext>``, DIR receives ``<name>_mask.tif`` (uint8 0/255, the input's height and width)
-and ``<name>_overlay.png`` (the prediction's contour in red on the FLAIR channel), and
-``tumour_area.csv`` lists the tumour area per slice. Resizing and normalisation come from the
+``<name>.<ext>``, DIR receives ``masks/<name>.tif`` (the input's name; uint8 0/255, the
+input's height and width) and ``overlays/<name>.png`` (the prediction's contour in red on the
+FLAIR channel), and ``tumour_area.csv`` lists the tumour area per slice. Resizing and normalisation come from the
 checkpoint. The output folder must differ from the input's: nothing is ever overwritten there.
 """
 
@@ -94,7 +94,7 @@ def predict(cfg: DictConfig) -> Path:
     out = Path(str(cfg.output)).expanduser()
     files = list_inputs(source)
     input_dirs = {f.parent.resolve() for f in files}
-    if out.resolve() in input_dirs:
+    if {out.resolve(), (out / "masks").resolve(), (out / "overlays").resolve()} & input_dirs:
         raise ConfigError(
             f"output '{out}' is the input's folder: predictions would sit beside (and could "
             "overwrite) the input files. Choose another output folder."
@@ -108,7 +108,8 @@ def predict(cfg: DictConfig) -> Path:
     module.to(device)
     threshold = cfg.threshold if cfg.threshold is not None else module.threshold
     transform = build_transform(pre["image_size"], pre["mean"], pre["std"])
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / "overlays").mkdir(exist_ok=True)
     rows = []
     for start in range(0, len(files), cfg.batch_size):
         chunk = files[start : start + cfg.batch_size]
@@ -119,9 +120,9 @@ def predict(cfg: DictConfig) -> Path:
             h, w = image.shape[:2]
             full = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
             mask = (full >= threshold).astype(np.uint8)
-            tifffile.imwrite(out / f"{f.stem}_mask.tif", mask * 255, photometric="minisblack")
+            tifffile.imwrite(out / "masks" / f"{f.stem}.tif", mask * 255, photometric="minisblack")
             cv2.imwrite(
-                str(out / f"{f.stem}_overlay.png"),
+                str(out / "overlays" / f"{f.stem}.png"),
                 cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR),
             )
             area = int(mask.sum())
@@ -131,7 +132,7 @@ def predict(cfg: DictConfig) -> Path:
     writer.writerow(["file", "height", "width", "tumour_pixels", "tumour_fraction"])
     writer.writerows(rows)
     write_text_atomic(out / "tumour_area.csv", buf.getvalue())
-    print(f"{len(files)} slices segmented into {out}: *_mask.tif, *_overlay.png, tumour_area.csv")
+    print(f"{len(files)} slices segmented into {out}: masks/, overlays/, tumour_area.csv")
     return out
 
 
