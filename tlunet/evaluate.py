@@ -12,8 +12,6 @@ checkpoint; ``data.*`` values given on the command line replace the checkpoint's
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 from pathlib import Path
@@ -31,7 +29,7 @@ from tlunet.errors import ConfigError
 from tlunet.metrics import SegmentationMetrics
 from tlunet.postprocess import best_threshold, parse_postprocess, postprocess_volume
 from tlunet.run import build_module
-from tlunet.utils import write_json_atomic, write_text_atomic
+from tlunet.utils import csv_text, write_json_atomic, write_text_atomic
 from tlunet.volume_metrics import dice_iou, hd95, volume_similarity
 
 log = logging.getLogger(__name__)
@@ -112,14 +110,6 @@ def module_from_checkpoint(checkpoint: dict[str, Any], run_cfg: DictConfig | Non
     except RuntimeError as exc:
         raise ConfigError(f"The checkpoint's weights do not match its own config: {exc}") from exc
     return module.eval()
-
-
-def _csv(header: list[str], rows: list[list[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def patient_tables(
@@ -297,14 +287,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ]
     write_text_atomic(
         out_dir / "options.csv",
-        _csv(
+        csv_text(
             ["option", "threshold", *columns],
             [[name, thr, *[values[c] for c in columns]] for name, thr, values in table],
         ),
     )
     write_text_atomic(
         out_dir / "per_patient.csv",
-        _csv(
+        csv_text(
             [
                 "patient",
                 "slices",
@@ -320,7 +310,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     )
     write_text_atomic(
         out_dir / "per_slice.csv",
-        _csv(["patient", "slice", "tumour_pixels_true", "tumour_pixels_pred", "dice"], slices),
+        csv_text(["patient", "slice", "tumour_pixels_true", "tumour_pixels_pred", "dice"], slices),
     )
     write_json_atomic(out_dir / "metrics.json", metrics)
     log.info("Evaluation of %s on %s written to %s", cfg.ckpt_path, cfg.stage, out_dir)

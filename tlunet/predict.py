@@ -12,8 +12,6 @@ checkpoint. The output folder must differ from the input's: nothing is ever over
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from tlunet.data.cache import read_image
 from tlunet.data.transforms import build_transform
 from tlunet.errors import ConfigError, DataError
 from tlunet.evaluate import load_checkpoint, module_from_checkpoint
-from tlunet.utils import write_text_atomic
+from tlunet.utils import csv_text, write_text_atomic
 
 log = logging.getLogger(__name__)
 SUFFIXES = {".tif", ".tiff", ".png"}
@@ -127,11 +125,8 @@ def predict(cfg: DictConfig) -> Path:
             )
             area = int(mask.sum())
             rows.append([f.name, h, w, area, area / (h * w)])
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["file", "height", "width", "tumour_pixels", "tumour_fraction"])
-    writer.writerows(rows)
-    write_text_atomic(out / "tumour_area.csv", buf.getvalue())
+    header = ["file", "height", "width", "tumour_pixels", "tumour_fraction"]
+    write_text_atomic(out / "tumour_area.csv", csv_text(header, rows))
     print(f"{len(files)} slices segmented into {out}: masks/, overlays/, tumour_area.csv")
     return out
 
