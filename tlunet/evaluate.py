@@ -255,18 +255,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             raise ConfigError(f"eval.threshold={threshold_option} must be in (0, 1) or auto.")
 
     # Every option alone, then all together: the effect of each is visible.
+    flipped = collector.volumes(tta=True) if tta == "flip" else None
     variants = [("baseline", plain, module.threshold, None)]
-    if tta == "flip":
-        variants.append(("tta=flip", collector.volumes(tta=True), module.threshold, None))
+    if flipped is not None:
+        variants.append(("tta=flip", flipped, module.threshold, None))
     if postprocess is not None:
         variants.append(
             (f"postprocess={options.get('postprocess')}", plain, module.threshold, postprocess)
         )
     if threshold != module.threshold:
         variants.append((f"threshold={threshold:.2f}", plain, threshold, None))
-    selected_probs = collector.volumes(tta=True) if tta == "flip" else plain
     if len(variants) > 2:
-        variants.append(("all selected", selected_probs, threshold, postprocess))
+        variants.append(
+            ("all selected", plain if flipped is None else flipped, threshold, postprocess)
+        )
     table = []
     for name, volumes, thr, pp in variants:
         values, patients, slices = volume_metrics(binarise(volumes, thr, pp), names)

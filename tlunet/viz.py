@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tlunet.volume_metrics import dice_iou  # noqa: E402
+
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` to ``path`` (creating its folder) and close it."""
@@ -29,13 +31,6 @@ def denormalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float])
     return np.clip(out, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def slice_dice(truth: np.ndarray, pred: np.ndarray) -> float:
-    """Dice of one binary slice (1.0 when both are empty)."""
-    inter = float(np.logical_and(truth, pred).sum())
-    denom = float(truth.sum() + pred.sum())
-    return 1.0 if denom == 0 else 2.0 * inter / denom
-
-
 def plot_predictions(
     images: np.ndarray,
     truths: np.ndarray,
@@ -51,7 +46,7 @@ def plot_predictions(
     n = len(images)
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
     for i in range(n):
-        dice = slice_dice(truths[i] > 0, preds[i] > 0)
+        dice = dice_iou(preds[i] > 0, truths[i] > 0)[0]
         panels = [
             (images[i], f"{titles[i]}", None),
             (truths[i], "true mask", "gray"),
