@@ -174,3 +174,36 @@ def test_datamodule_paper_split_and_dataset_normalisation(synthetic_root: Path) 
 def test_datamodule_rejects_impossible_values(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         LGGDataModule("/tmp", **kwargs)
+
+
+def test_skip_mode_drops_bad_slices_keeping_rows_aligned(data_copy: Path, cache_dir: Path) -> None:
+    records = index_kaggle3m(data_copy)
+    records[1].image_path.write_bytes(b"garbage")
+    tifffile.imwrite(records[4].mask_path, np.full((64, 64), 7, np.uint8))
+    tifffile.imwrite(records[0].image_path, np.zeros((32, 32, 3), np.uint8), photometric="rgb")
+    tifffile.imwrite(records[0].mask_path, np.zeros((32, 32), np.uint8))
+    for cache in (None, cache_dir, cache_dir):  # in memory, cold cache, warm cache
+        decoded = decode_slices(records, data_copy, cache, on_error="skip")
+        assert decoded.kept == [i for i in range(len(records)) if i not in (0, 1, 4)]
+        # The odd size is the first slice's: the most common size wins, not the first.
+        assert [Path(p["path"]) for p in decoded.skipped] == [
+            records[0].image_path,
+            records[1].image_path,
+            records[4].mask_path,
+        ]
+        assert "is 32x32, but" in decoded.skipped[0]["reason"]
+        images, _ = _fresh([records[i] for i in decoded.kept])
+        assert np.array_equal(decoded.images, images)
+    assert isinstance(decoded.images, np.memmap)
+    with pytest.raises(DataError, match=r"Image '.*_1\.tif' is 32x32, but the first slice"):
+        decode_slices(records[2:4] + records[:1], data_copy, on_error="raise")
+
+
+def test_skip_and_raise_caches_have_different_keys(data_copy: Path) -> None:
+    records = index_kaggle3m(data_copy)
+    assert cache_key(records, data_copy) == cache_key(records, data_copy, "raise")
+    assert cache_key(records, data_copy, "skip") != cache_key(records, data_copy)
+    with pytest.raises(ConfigError, match=r"data.on_error='ignore' is unknown"):
+        decode_slices(records, data_copy, on_error="ignore")
+    with pytest.raises(ConfigError, match=r"choose one of \['raise', 'skip'\]"):
+        LGGDataModule("/tmp", on_error="ignore")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tlunet.data.index import index_kaggle3m
+from tlunet.data.index import index_kaggle3m, scan_kaggle3m
 from tlunet.errors import DataError
 
 
@@ -95,3 +95,30 @@ def test_root_without_patients_suggests_kaggle3m_subfolder(tmp_path: Path) -> No
     _write_patient(tmp_path / "kaggle_3m", "P1", [1])
     with pytest.raises(DataError, match=r"Did you mean data.root=.*kaggle_3m"):
         index_kaggle3m(tmp_path)
+
+
+def test_scan_without_strict_lists_every_problem_and_keeps_the_rest(tmp_path: Path) -> None:
+    _write_patient(tmp_path, "P1", [1, 2, 3, 4], mask_missing=2)
+    _write_patient(tmp_path, "P2", [1, 2])
+    (tmp_path / "P2" / "P2_2.tif").unlink()
+    tifffile.imwrite(tmp_path / "P2" / "P2_x.tif", np.zeros((8, 8, 3), np.uint8))
+    shutil.copy(tmp_path / "P1" / "P1_3.tif", tmp_path / "P1" / "P1_03.tif")
+    records, problems = scan_kaggle3m(tmp_path, strict=False)
+    # Slice 3 of P1 is given twice: neither copy (nor its mask) can be trusted.
+    assert [(r.patient, r.slice) for r in records] == [("P1", 1), ("P1", 4), ("P2", 1)]
+    by_path = {Path(p["path"]).name: p["reason"] for p in problems}
+    assert set(by_path) == {"P1_2.tif", "P1_3.tif", "P2_2_mask.tif", "P2_x.tif"}
+    assert by_path["P1_2.tif"].startswith("Missing mask for image")
+    assert by_path["P1_3.tif"].startswith("Slice 3 appears twice")
+    assert "has no matching image" in by_path["P2_2_mask.tif"]
+    assert by_path["P2_x.tif"].startswith("Cannot read a slice number")
+    # strict (index_kaggle3m) stops at the first of them.
+    with pytest.raises(DataError, match="Slice 3 appears twice"):
+        scan_kaggle3m(tmp_path, strict=True)
+
+
+def test_scan_without_strict_still_raises_for_the_root(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        scan_kaggle3m(tmp_path / "nope", strict=False)
+    with pytest.raises(DataError, match="No patient folders"):
+        scan_kaggle3m(tmp_path, strict=False)

@@ -5,6 +5,10 @@ With a cache folder the arrays are written as ``.npy`` files under a key derived
 file's relative path, size and modification time, then memory-mapped: later epochs, later runs
 and every DataLoader worker share them without re-reading a TIFF. A changed, added or removed
 file changes the key, so a stale cache is never used.
+
+``on_error="skip"`` drops every slice whose image or mask cannot be used (unreadable, wrong
+shape, dtype or values, a size different from most slices) and lists it in
+``DecodedSlices.skipped``; its cache has its own key and remembers the skipped files.
 """
 
 from __future__ import annotations
@@ -15,27 +19,36 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-from tlunet.data.index import SliceRecord
-from tlunet.errors import DataError
+from tlunet.data.index import SliceRecord, problem
+from tlunet.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+#: What to do with a slice that cannot be used: stop the run, or drop the slice and list it.
+ON_ERRORS = ("raise", "skip")
 
 
 @dataclass
 class DecodedSlices:
-    """The decoded arrays of an index, row ``i`` being ``records[i]``."""
+    """The decoded arrays of an index, row ``i`` being ``records[kept[i]]``.
+
+    ``kept`` lists the rows of the decoded records in order (all of them unless slices were
+    skipped); ``skipped`` holds one ``{"path", "reason"}`` per dropped slice.
+    """
 
     images: np.ndarray  # (N, H, W, 3) uint8
     masks: np.ndarray  # (N, H, W) uint8 in {0, 1}
+    kept: list[int] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def has_tumour(self) -> np.ndarray:
@@ -81,9 +94,15 @@ def read_mask(path: Path) -> np.ndarray:
     return (arr > 0).astype(np.uint8)
 
 
-def cache_key(records: Sequence[SliceRecord], root: Path) -> str:
-    """Hash of every file's path relative to ``root``, size and mtime, and the cache format."""
+def cache_key(records: Sequence[SliceRecord], root: Path, on_error: str = "raise") -> str:
+    """Hash of every file's path relative to ``root``, size and mtime, and the cache format.
+
+    A ``skip`` cache also hashes the mode and the resolved root: it stores the skipped files'
+    paths, which must stay those of this folder.
+    """
     h = hashlib.sha256(f"tlunet-cache-v{CACHE_FORMAT}".encode())
+    if on_error != "raise":
+        h.update(f"on_error={on_error}|{Path(root).resolve()}\n".encode())
     for r in records:
         for p in (r.image_path, r.mask_path):
             st = p.stat()
@@ -110,44 +129,85 @@ def _decode_into(records: Sequence[SliceRecord], images: np.ndarray, masks: np.n
         masks[i] = msk
 
 
-def decode_slices(
-    records: Sequence[SliceRecord], root: str | Path, cache_dir: str | Path | None = None
-) -> DecodedSlices:
-    """Decode ``records`` (in order), through the on-disk cache when ``cache_dir`` is given."""
-    if not records:
-        raise DataError(f"No slices to decode under '{root}'.")
-    root = Path(root)
-    first = read_image(records[0].image_path)
-    shape = (len(records), *first.shape[:2])
-    if cache_dir is None:
-        images = np.empty((*shape, 3), np.uint8)
-        masks = np.empty(shape, np.uint8)
-        _decode_into(records, images, masks)
-        return DecodedSlices(images, masks)
+@dataclass
+class SliceScan:
+    """What reading every slice of an index found (see :func:`scan_slices`)."""
 
-    folder = Path(cache_dir).expanduser() / cache_key(records, root)
-    if (folder / "meta.json").exists():
+    kept: list[int]  # rows of the records that read cleanly and have the common size
+    problems: list[dict[str, str]]  # {"path", "reason"} per dropped slice, in record order
+    shape: tuple[int, int] | None  # the common (H, W); None when no slice could be read
+    has_tumour: list[bool]  # per kept row
+    arrays: list[tuple[np.ndarray, np.ndarray]] | None  # per kept row, when keep_arrays
+
+
+def scan_slices(records: Sequence[SliceRecord], keep_arrays: bool = False) -> SliceScan:
+    """Read every slice of ``records`` without stopping at a problem.
+
+    A slice is dropped, with a problem naming the offending file, when its image or mask cannot
+    be read or is malformed (:func:`read_image`, :func:`read_mask`), when its mask's size
+    differs from its image's, or when its size differs from the most common one (ties: the
+    first seen). ``keep_arrays`` keeps the decoded (image, mask) of each kept row.
+    """
+    found: list[tuple[int, dict[str, str]]] = []
+    # (row, image (H, W), mask shape, has tumour, arrays when kept): no arrays held otherwise
+    read: list[tuple[int, tuple[int, ...], tuple[int, ...], bool, tuple | None]] = []
+    for i, r in enumerate(records):
+        path = r.image_path
         try:
-            images = np.load(folder / "images.npy", mmap_mode="r")
-            masks = np.load(folder / "masks.npy", mmap_mode="r")
-            if images.shape == (*shape, 3) and masks.shape == shape:
-                log.info("Using decoded-slice cache %s", folder)
-                return DecodedSlices(images, masks)
-        except (OSError, ValueError) as exc:
-            log.warning("Ignoring unreadable cache %s (%s); rebuilding it", folder, exc)
-        shutil.rmtree(folder, ignore_errors=True)
+            img = read_image(path)
+            path = r.mask_path
+            msk = read_mask(path)
+        except DataError as exc:
+            found.append((i, problem(path, str(exc))))
+            continue
+        arrays = (img, msk) if keep_arrays else None
+        read.append((i, img.shape[:2], msk.shape, bool(msk.any()), arrays))
+    counts = Counter(entry[1] for entry in read)
+    shape = max(counts, key=counts.__getitem__) if counts else None
+    kept: list[tuple[int, bool, tuple[np.ndarray, np.ndarray] | None]] = []
+    for i, size, mask_shape, tumour, arrays in read:
+        r = records[i]
+        if size != shape:
+            reason = (
+                f"Image '{r.image_path}' is {size[0]}x{size[1]}, but {counts[shape]} of "
+                f"{len(read)} slices are {shape[0]}x{shape[1]}: all slices must share one size."
+            )
+            found.append((i, problem(r.image_path, reason)))
+        elif mask_shape != size:
+            reason = (
+                f"Mask '{r.mask_path}' is {mask_shape[0]}x{mask_shape[1]} but its image is "
+                f"{size[0]}x{size[1]}."
+            )
+            found.append((i, problem(r.mask_path, reason)))
+        else:
+            kept.append((i, tumour, arrays))
+    found.sort(key=lambda t: t[0])
+    return SliceScan(
+        kept=[k[0] for k in kept],
+        problems=[p for _, p in found],
+        shape=shape,
+        has_tumour=[k[1] for k in kept],
+        arrays=[k[2] for k in kept] if keep_arrays else None,
+    )
 
-    log.info("Decoding %d slices from %s into cache %s", len(records), root, folder)
+
+def _build_cache(
+    folder: Path,
+    shape: tuple[int, int, int],
+    fill: Callable[[np.ndarray, np.ndarray], None],
+    meta: dict,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Write (N, H, W, 3) images and (N, H, W) masks filled by ``fill`` into ``folder``
+    (through a temporary folder and a rename, ``meta.json`` last); return them memory-mapped."""
     tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (*shape, 3))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, shape)
-        _decode_into(records, images, masks)
+        fill(images, masks)
         images.flush()
         masks.flush()
         del images, masks
-        meta = {"format": CACHE_FORMAT, "root": str(root), "num_slices": len(records)}
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(tmp, folder)
@@ -156,6 +216,119 @@ def decode_slices(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return DecodedSlices(
-        np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r")
+    return np.load(folder / "images.npy", mmap_mode="r"), np.load(
+        folder / "masks.npy", mmap_mode="r"
     )
+
+
+def _load_cache(folder: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """The memory-mapped arrays and meta of a finished cache folder, or None."""
+    if not (folder / "meta.json").exists():
+        return None
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        images = np.load(folder / "images.npy", mmap_mode="r")
+        masks = np.load(folder / "masks.npy", mmap_mode="r")
+        return images, masks, meta
+    except (OSError, ValueError) as exc:
+        log.warning("Ignoring unreadable cache %s (%s); rebuilding it", folder, exc)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def decode_slices(
+    records: Sequence[SliceRecord],
+    root: str | Path,
+    cache_dir: str | Path | None = None,
+    on_error: str = "raise",
+) -> DecodedSlices:
+    """Decode ``records`` (in order), through the on-disk cache when ``cache_dir`` is given.
+
+    ``on_error="raise"``: the first unusable slice raises :class:`DataError` naming its file.
+    ``on_error="skip"``: unusable slices are dropped (``kept``/``skipped`` of the result);
+    :class:`DataError` only when none is left.
+    """
+    if on_error not in ON_ERRORS:
+        raise ConfigError(
+            f"data.on_error='{on_error}' is unknown; choose one of {list(ON_ERRORS)}."
+        )
+    if not records:
+        raise DataError(f"No slices to decode under '{root}'.")
+    root = Path(root)
+    if on_error == "skip":
+        return _decode_skipping(records, root, cache_dir)
+    first = read_image(records[0].image_path)
+    shape = (len(records), *first.shape[:2])
+    kept = list(range(len(records)))
+    if cache_dir is None:
+        images = np.empty((*shape, 3), np.uint8)
+        masks = np.empty(shape, np.uint8)
+        _decode_into(records, images, masks)
+        return DecodedSlices(images, masks, kept)
+
+    folder = Path(cache_dir).expanduser() / cache_key(records, root)
+    cached = _load_cache(folder)
+    if cached is not None:
+        images, masks, _ = cached
+        if images.shape == (*shape, 3) and masks.shape == shape:
+            log.info("Using decoded-slice cache %s", folder)
+            return DecodedSlices(images, masks, kept)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    log.info("Decoding %d slices from %s into cache %s", len(records), root, folder)
+    meta = {"format": CACHE_FORMAT, "root": str(root), "num_slices": len(records)}
+    images, masks = _build_cache(folder, shape, lambda im, ms: _decode_into(records, im, ms), meta)
+    return DecodedSlices(images, masks, kept)
+
+
+def _decode_skipping(
+    records: Sequence[SliceRecord], root: Path, cache_dir: str | Path | None
+) -> DecodedSlices:
+    folder = None
+    if cache_dir is not None:
+        folder = Path(cache_dir).expanduser() / cache_key(records, root, "skip")
+        cached = _load_cache(folder)
+        if cached is not None:
+            images, masks, meta = cached
+            kept, skipped = meta.get("kept"), meta.get("skipped")
+            if (
+                isinstance(kept, list)
+                and isinstance(skipped, list)
+                and images.shape[0] == len(kept) == masks.shape[0]
+                and images.shape[1:3] == masks.shape[1:]
+                and all(0 <= i < len(records) for i in kept)
+            ):
+                log.info("Using decoded-slice cache %s (%d skipped)", folder, len(skipped))
+                return DecodedSlices(images, masks, kept, skipped)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    scan = scan_slices(records, keep_arrays=True)
+    if not scan.kept:
+        raise DataError(
+            f"None of the {len(records)} slices under '{root}' can be used "
+            f"(data.on_error=skip skipped them all); the first: {scan.problems[0]['reason']}"
+        )
+    arrays = scan.arrays or []
+    shape = (len(scan.kept), *scan.shape)
+
+    def fill(images: np.ndarray, masks: np.ndarray) -> None:
+        for row in range(len(arrays)):
+            images[row], masks[row] = arrays[row]
+            arrays[row] = None  # free as we go: one copy of the set in memory at a time
+
+    if folder is None:
+        images = np.empty((*shape, 3), np.uint8)
+        masks = np.empty(shape, np.uint8)
+        fill(images, masks)
+        return DecodedSlices(images, masks, scan.kept, scan.problems)
+    log.info("Decoding %d slices from %s into cache %s", len(records), root, folder)
+    meta = {
+        "format": CACHE_FORMAT,
+        "root": str(root),
+        "num_slices": len(scan.kept),
+        "on_error": "skip",
+        "kept": scan.kept,
+        "skipped": scan.problems,
+    }
+    images, masks = _build_cache(folder, shape, fill, meta)
+    return DecodedSlices(images, masks, scan.kept, scan.problems)

@@ -12,9 +12,9 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from tlunet.data.cache import DecodedSlices, decode_slices
+from tlunet.data.cache import ON_ERRORS, DecodedSlices, decode_slices
 from tlunet.data.dataset import SliceDataset
-from tlunet.data.index import SliceRecord, index_kaggle3m
+from tlunet.data.index import SliceRecord, scan_kaggle3m
 from tlunet.data.splits import (
     PAPER_SPLIT_SIZES,
     STAGES,
@@ -50,6 +50,8 @@ class LGGDataModule(pl.LightningDataModule):
             ``dataset`` (per-channel mean/std of the training split).
         augment: albumentations transforms applied to training slices after resizing.
         cache_dir: folder for the decoded-slice cache (``None``: decode into memory each run).
+        on_error: ``raise`` (stop at the first unusable file, naming it) or ``skip`` (drop each
+            unusable slice, listed in ``skipped`` after :meth:`setup`).
         synthetic: parameters of :func:`write_synthetic_dataset`; when given, phantoms are
             written to ``root`` first (``data=synthetic``).
     """
@@ -72,8 +74,13 @@ class LGGDataModule(pl.LightningDataModule):
         augment: Sequence[A.BasicTransform] | None = None,
         cache_dir: str | None = None,
         synthetic: Mapping[str, Any] | None = None,
+        on_error: str = "raise",
     ) -> None:
         super().__init__()
+        if on_error not in ON_ERRORS:
+            raise ConfigError(
+                f"data.on_error='{on_error}' is unknown; choose one of {list(ON_ERRORS)}."
+            )
         if split not in SPLITS:
             raise ConfigError(f"data.split='{split}' is unknown; choose one of {list(SPLITS)}.")
         if normalization not in NORMALIZATIONS:
@@ -111,8 +118,11 @@ class LGGDataModule(pl.LightningDataModule):
         self.augment = list(augment or [])
         self.cache_dir = cache_dir
         self.synthetic = dict(synthetic) if synthetic else None
+        self.on_error = on_error
 
         self.records: list[SliceRecord] = []
+        #: ``{"path", "reason"}`` of every slice dropped with ``on_error=skip``, sorted by path.
+        self.skipped: list[dict[str, str]] = []
         self.patients: list[str] = []
         self.decoded: DecodedSlices | None = None
         self.stage_rows: dict[str, np.ndarray] = {}
@@ -130,14 +140,28 @@ class LGGDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        self.records = index_kaggle3m(self.root)
+        records, problems = scan_kaggle3m(self.root, strict=self.on_error == "raise")
         root = Path(str(self.root)).expanduser()
-        self.decoded = decode_slices(self.records, root, self.cache_dir)
+        if not records:
+            raise DataError(
+                f"None of the slices under '{root}' can be used (data.on_error=skip skipped "
+                f"them all); the first: {problems[0]['reason']}"
+            )
+        self.decoded = decode_slices(records, root, self.cache_dir, on_error=self.on_error)
+        self.records = [records[i] for i in self.decoded.kept]  # decoded row i = self.records[i]
+        self.skipped = sorted(problems + self.decoded.skipped, key=lambda p: p["path"])
+        if self.skipped:
+            log.warning(
+                "data.on_error=skip: %d slices skipped under %s, the first: %s",
+                len(self.skipped),
+                root,
+                self.skipped[0]["reason"],
+            )
         self.patients = sorted({r.patient for r in self.records})
+        self.stage_rows = self.split_rows(self.records)
         position = {name: i for i, name in enumerate(self.patients)}
         patient_ids = np.array([position[r.patient] for r in self.records])
         slice_numbers = np.array([r.slice for r in self.records])
-        self.stage_rows = self._split(patient_ids)
         if self.normalization == "dataset":
             self.mean, self.std = channel_stats(self.decoded.images, self.stage_rows["train"])
         for name in STAGES:
@@ -163,17 +187,23 @@ class LGGDataModule(pl.LightningDataModule):
             ", ".join(f"{k} {len(v)} slices" for k, v in self.stage_rows.items()),
         )
 
-    def _split(self, patient_ids: np.ndarray) -> dict[str, np.ndarray]:
+    def split_rows(self, records: Sequence[SliceRecord]) -> dict[str, np.ndarray]:
+        """Sorted row indices of ``records`` per stage under the configured split.
+
+        Raises :class:`DataError` when the train or validation stage would be empty.
+        """
+        patients = sorted({r.patient for r in records})
+        position = {name: i for i, name in enumerate(patients)}
+        patient_ids = np.array([position[r.patient] for r in records])
         if self.split == "paper":
-            rows = split_by_slice(len(self.records), self.paper_split_sizes, self.split_seed)
+            rows = split_by_slice(len(records), self.paper_split_sizes, self.split_seed)
         else:
             if self.num_folds is not None:
                 parts = kfold_patient_split(
-                    self.patients, self.num_folds, self.fold, self.split_fractions, self.split_seed
+                    patients, self.num_folds, self.fold, self.split_fractions, self.split_seed
                 )
             else:
-                parts = split_by_patient(self.patients, self.split_fractions, self.split_seed)
-            position = {name: i for i, name in enumerate(self.patients)}
+                parts = split_by_patient(patients, self.split_fractions, self.split_seed)
             rows = {
                 stage: np.flatnonzero(np.isin(patient_ids, [position[p] for p in names]))
                 for stage, names in parts.items()

@@ -56,12 +56,32 @@ def check_root(root: str | Path | None) -> Path:
     return path
 
 
+def problem(path: str | Path, reason: str) -> dict[str, str]:
+    """One problem of a dataset: the offending file (or folder) and what is wrong with it."""
+    return {"path": str(path), "reason": reason}
+
+
 def index_kaggle3m(root: str | Path) -> list[SliceRecord]:
     """Scan ``root`` and return its slices sorted by (patient, slice number).
 
     Raises :class:`DataError` naming the offending path when the folder holds no patient
     folders, a file name does not follow ``<patient>_<n>[_mask].tif``, a slice has no mask
     (or a mask no slice), or a slice number appears twice.
+    """
+    return scan_kaggle3m(root, strict=True)[0]
+
+
+def scan_kaggle3m(
+    root: str | Path, strict: bool = True
+) -> tuple[list[SliceRecord], list[dict[str, str]]]:
+    """Scan ``root`` like :func:`index_kaggle3m`, returning ``(records, problems)``.
+
+    ``strict=True`` raises :class:`DataError` at the first problem (``problems`` is then always
+    empty). ``strict=False`` drops each problematic slice and records one problem
+    (``{"path", "reason"}``) per offending file: a file name without a numeric slice number
+    (the file is ignored), a slice number given twice (every file of that slice number is
+    dropped: which one is right cannot be told), an image without a mask or a mask without an
+    image. A missing root or a root without patient folders always raises.
     """
     root = check_root(root)
     patients = _patient_dirs(root)
@@ -74,33 +94,45 @@ def index_kaggle3m(root: str | Path) -> list[SliceRecord]:
             f"<root>/<patient>/<patient>_<n>.tif and <patient>_<n>_mask.tif.{hint}"
         )
     records: list[SliceRecord] = []
+    problems: list[dict[str, str]] = []
+
+    def report(path: Path, reason: str) -> None:
+        if strict:
+            raise DataError(reason)
+        problems.append(problem(path, reason))
+
     for pdir in patients:
         images: dict[int, Path] = {}
         masks: dict[int, Path] = {}
+        duplicated: set[int] = set()
         for f in sorted(pdir.iterdir()):
             if f.suffix.lower() not in _TIF_SUFFIXES or f.name.startswith("."):
                 continue
             m = _SLICE_RE.match(f.name)
             if m is None:
-                raise DataError(
+                report(
+                    f,
                     f"Cannot read a slice number from '{f}': expected "
-                    f"<patient>_<n>.tif or <patient>_<n>_mask.tif with a numeric <n>."
+                    f"<patient>_<n>.tif or <patient>_<n>_mask.tif with a numeric <n>.",
                 )
+                continue
             num = int(m.group("num"))
             target = masks if m.group("mask") else images
             if num in target:
-                raise DataError(
-                    f"Slice {num} appears twice in '{pdir}': '{target[num]}' and '{f}'."
-                )
+                report(f, f"Slice {num} appears twice in '{pdir}': '{target[num]}' and '{f}'.")
+                duplicated.add(num)
+                continue
             target[num] = f
-        for num in sorted(images.keys() - masks.keys()):
-            raise DataError(
+        for num in sorted(images.keys() - masks.keys() - duplicated):
+            report(
+                images[num],
                 f"Missing mask for image '{images[num]}': expected "
-                f"'{images[num].with_name(images[num].stem + '_mask' + images[num].suffix)}'."
+                f"'{images[num].with_name(images[num].stem + '_mask' + images[num].suffix)}'.",
             )
-        for num in sorted(masks.keys() - images.keys()):
-            raise DataError(f"Mask '{masks[num]}' has no matching image in '{pdir}'.")
+        for num in sorted(masks.keys() - images.keys() - duplicated):
+            report(masks[num], f"Mask '{masks[num]}' has no matching image in '{pdir}'.")
         records.extend(
-            SliceRecord(pdir.name, num, images[num], masks[num]) for num in sorted(images)
+            SliceRecord(pdir.name, num, images[num], masks[num])
+            for num in sorted((images.keys() & masks.keys()) - duplicated)
         )
-    return records
+    return records, problems
