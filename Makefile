@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.tlunet-installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all train lint format clean
+.PHONY: help install test test-all train bench lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +31,9 @@ test-all: install ## every test, the slow ones too
 
 train: install ## the embedded default: DenseNet121 U-Net on synthetic phantoms, CPU, no download
 	$(PY) -m tlunet.train experiment=demo
+
+bench: install ## benchmarks (data, training step, inference) -> outputs/bench/<time>/bench.{json,md}
+	HF_HUB_OFFLINE=1 $(PY) -m tlunet.bench $(BENCH_ARGS)
 
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check tlunet tests

@@ -1,7 +1,7 @@
 """Recompute every metric of a checkpoint on a chosen split, without retraining.
 
     python -m tlunet.evaluate ckpt_path=outputs/runs/<run>/checkpoints/best.ckpt \\
-        [data.root=DIR] [data.split=patient|paper] [data.fold=i] [stage=test|val|train]
+        [data.root=DIR] [data.split=patient|paper] [data.fold=i] [stage=test|val|train|all]
 
 Writes into the evaluation directory: ``metrics.json`` (the run's metric names with the stage
 prefix, plus ``hd95_per_patient``, ``volume_similarity_per_patient`` and per-patient detection),
@@ -12,6 +12,7 @@ checkpoint; ``data.*`` values given on the command line replace the checkpoint's
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
@@ -33,6 +34,8 @@ from tlunet.utils import csv_text, write_json_atomic, write_text_atomic
 from tlunet.volume_metrics import dice_iou, hd95, volume_similarity
 
 log = logging.getLogger(__name__)
+#: What ``stage=`` may name: a stage of the split, or ``all`` (every slice of the data).
+EVAL_STAGES = ("test", "val", "train", "all")
 
 
 class PredictionCollector(pl.Callback):
@@ -198,8 +201,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(
             "ckpt_path is not set: pass ckpt_path=outputs/runs/<run>/checkpoints/best.ckpt"
         )
-    if cfg.stage not in ("train", "val", "test"):
-        raise ConfigError(f"stage='{cfg.stage}' is unknown; choose test, val or train.")
+    if cfg.stage not in EVAL_STAGES:
+        raise ConfigError(f"stage='{cfg.stage}' is unknown; choose one of {list(EVAL_STAGES)}.")
     checkpoint = load_checkpoint(cfg.ckpt_path)
     run_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
     for key, value in cfg.data.items():
@@ -215,6 +218,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(run_cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test")
+    if cfg.stage == "all":  # every slice of the data, without augmentation
+        everything = copy.copy(datamodule.datasets["test"])
+        everything.rows = np.arange(len(datamodule.records), dtype=np.int64)
+        datamodule.datasets["all"] = everything
     if len(datamodule.datasets[cfg.stage]) == 0:
         raise ConfigError(f"The {cfg.stage} stage of this split is empty.")
     module = module_from_checkpoint(checkpoint, run_cfg)

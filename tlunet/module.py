@@ -32,6 +32,11 @@ class SegmentationModule(pl.LightningModule):
             ``aux_loss_weight``, is added to the loss; its probability drives ``detect_*``.
         freeze_encoder: keep ``net.encoder`` frozen (no gradient, BatchNorm statistics fixed)...
         unfreeze_at_epoch: ...until this epoch (0-based); ``None``: for the whole run.
+        channels_last: keep ``net``'s weights and its input batches in channels-last memory
+            format (faster convolutions on recent GPUs and some CPUs; ``tlunet.bench`` tells).
+        compile: ``torch.compile`` the network: ``True``, or a dict of ``torch.compile``
+            arguments (``{"mode": "max-autotune"}``, ``{"backend": "eager"}``). The state dict
+            keeps its names, so checkpoints load with or without it.
         run_config: the run's composed config, stored in checkpoints so they are self-describing.
     """
 
@@ -48,6 +53,8 @@ class SegmentationModule(pl.LightningModule):
         aux_loss_weight: float = 0.2,
         freeze_encoder: bool = False,
         unfreeze_at_epoch: int | None = None,
+        channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         if isinstance(run_config, DictConfig):  # plain containers load with weights_only=True
@@ -77,9 +84,19 @@ class SegmentationModule(pl.LightningModule):
         self.metrics = nn.ModuleDict(
             {f"{s}_metrics": SegmentationMetrics(threshold=threshold) for s in STAGES}
         )
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if compile:
+            if isinstance(compile, DictConfig):
+                compile = OmegaConf.to_container(compile, resolve=True)
+            options = dict(compile) if isinstance(compile, dict) else {}
+            self.net.compile(**options)  # in place: parameter names unchanged
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, 1, H, W) for images (N, 3, H, W)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
     # -- auxiliary head and encoder freezing -------------------------------------------

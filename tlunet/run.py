@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from tlunet.errors import ConfigError
 from tlunet.models import MODELS, count_parameters
 from tlunet.models.aux_head import AuxHead, deepest_channels
-from tlunet.utils import environment_info, write_json_atomic, write_text_atomic
+from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
 from tlunet.viz import plot_training_curves
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ def build_module(cfg: DictConfig, net: Any) -> Any:
         aux_loss_weight=cfg.model.get("aux_loss_weight", 0.2),
         freeze_encoder=bool(cfg.model.get("freeze_encoder", False)),
         unfreeze_at_epoch=cfg.model.get("unfreeze_at_epoch"),
+        channels_last=bool(cfg.model.get("channels_last", False)),
+        compile=cfg.model.get("compile", False) or False,
         net=net,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
@@ -132,6 +134,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Index, validate and split the data before building anything else: data mistakes fail fast.
     datamodule.prepare_data()
     datamodule.setup("fit")
+    skipped = getattr(datamodule, "skipped", None)
+    if skipped:
+        write_text_atomic(
+            run_dir / "skipped_files.csv",
+            csv_text(["path", "reason"], [[p["path"], p["reason"]] for p in skipped]),
+        )
+        log.warning(
+            "Skipped %d unusable slices (data.on_error=skip); listed in %s",
+            len(skipped),
+            run_dir / "skipped_files.csv",
+        )
     if cfg.get("test", True) and len(datamodule.datasets["test"]) == 0:
         raise ConfigError(
             f"The {cfg.data.split} split of '{cfg.data.root}' leaves the test stage empty; "

@@ -325,6 +325,39 @@ def _write_readme(root: Path, params: dict[str, Any]) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def plan_patients(
+    num_patients: int,
+    slices_per_patient: tuple[int, int],
+    tumour_free_patients: float,
+    seed: int,
+) -> tuple[set[int], np.ndarray]:
+    """The plan :func:`write_synthetic_dataset` follows: the indices of the tumour-free
+    patients and the number of slices of each patient (without writing anything)."""
+    lo, hi = (int(v) for v in slices_per_patient)
+    plan_rng = np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(1)[0])
+    free = _tumour_free_indices(plan_rng, int(num_patients), float(tumour_free_patients))
+    return free, plan_rng.integers(lo, hi + 1, size=int(num_patients))
+
+
+def seed_for_total_slices(
+    num_patients: int,
+    slices_per_patient: tuple[int, int],
+    total: int,
+    tumour_free_patients: float = 0.2,
+    max_seed: int = 100_000,
+) -> int:
+    """The smallest seed whose set has exactly ``total`` slices (e.g. 3929, the full kaggle_3m
+    set's count, for benchmarks at the real data set's size)."""
+    for seed in range(max_seed):
+        counts = plan_patients(num_patients, slices_per_patient, tumour_free_patients, seed)[1]
+        if int(counts.sum()) == total:
+            return seed
+    raise ValueError(
+        f"No seed below {max_seed} gives {total} slices for {num_patients} patients of "
+        f"{slices_per_patient[0]}..{slices_per_patient[1]} slices."
+    )
+
+
 def write_synthetic_dataset(
     root: str | Path,
     num_patients: int = 8,
@@ -374,11 +407,8 @@ def write_synthetic_dataset(
         return root
     _clean(root)
 
-    seq = np.random.SeedSequence(int(seed))
-    plan_rng = np.random.default_rng(seq.spawn(1)[0])
     n_pat = params["num_patients"]
-    free = _tumour_free_indices(plan_rng, n_pat, params["tumour_free_patients"])
-    slice_counts = plan_rng.integers(lo, hi + 1, size=n_pat)
+    free, slice_counts = plan_patients(n_pat, (lo, hi), params["tumour_free_patients"], seed)
     patient_seqs = np.random.SeedSequence([int(seed), 1]).spawn(n_pat)
 
     patients: dict[str, int] = {}

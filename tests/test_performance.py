@@ -1,0 +1,190 @@
+"""Performance options give the same results, and the benchmark command measures what it says."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from tlunet.bench import FULL_SET_SLICES, evaluate_targets
+from tlunet.data.index import index_kaggle3m
+from tlunet.data.synthetic import plan_patients, seed_for_total_slices
+from tlunet.losses import WeightedSum
+from tlunet.models import build_model
+from tlunet.models.aux_head import AuxHead, deepest_channels
+from tlunet.module import SegmentationModule
+from tlunet.run import build_module
+
+from .conftest import compose_config, run_cli
+
+
+def _module(**kwargs) -> SegmentationModule:
+    torch.manual_seed(0)
+    net = build_model("unet", "resnet18", encoder_weights=None, decoder_channels=[32, 16, 8, 8, 8])
+    return SegmentationModule(
+        net,
+        WeightedSum({"bce": torch.nn.BCEWithLogitsLoss()}),
+        partial(torch.optim.Adam, lr=1e-3),
+        aux_head=AuxHead(deepest_channels(net), hidden=8),
+        **kwargs,
+    )
+
+
+def _two_steps(module: SegmentationModule) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The losses of two optimiser steps, and the gradients of the first."""
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 64)
+    batch = {"image": images, "mask": (images[:, :1] > 1).float()}
+    optimizer = module.configure_optimizers()
+    module.train()
+    losses, grads = [], {}
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss, _, terms, _ = module.compute_loss(batch)
+        assert "loss_aux" in terms  # the aux head's hook still sees the encoder
+        loss.backward()
+        grads = grads or {n: p.grad.clone() for n, p in module.named_parameters()}
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, grads
+
+
+def test_channels_last_trains_like_the_default_layout() -> None:
+    plain_losses, plain_grads = _two_steps(_module())
+    module = _module(channels_last=True)
+    conv = module.net.encoder.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    losses, grads = _two_steps(module)
+    assert losses == pytest.approx(plain_losses, rel=1e-4)
+    assert grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-3, atol=1e-5)
+
+
+def test_compiled_network_keeps_its_parameter_names_and_results() -> None:
+    plain = _module()
+    plain_losses, _ = _two_steps(plain)
+    # The eager backend traces with TorchDynamo without generating code: fast and compiler-free.
+    compiled = _module(compile={"backend": "eager"})
+    assert compiled.net._compiled_call_impl is not None  # it really is compiled
+    losses, _ = _two_steps(compiled)
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints load either way
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+
+
+def test_model_options_reach_the_module(tmp_path: Path) -> None:
+    cfg = compose_config(
+        [
+            "encoder=resnet18",
+            "encoder.weights=null",
+            "model.channels_last=true",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
+    module = build_module(cfg, instantiate(cfg.model.net))
+    assert module.channels_last
+    assert module.net.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert cfg.model.compile is False
+
+
+def test_synthetic_set_of_an_exact_size() -> None:
+    seed = seed_for_total_slices(110, (20, 52), FULL_SET_SLICES)
+    assert int(plan_patients(110, (20, 52), 0.2, seed)[1].sum()) == FULL_SET_SLICES
+    with pytest.raises(ValueError, match="No seed below 10"):
+        seed_for_total_slices(3, (3, 4), 100, max_seed=10)
+
+
+def test_targets_are_judged_from_the_figures() -> None:
+    results = {
+        "real_data": True,
+        "train_pairs": [
+            {"encoder": "resnet18", "image_size": 128, "batch_size": 16, "ratio": 0.93},
+            {"encoder": "resnet18", "image_size": 64, "batch_size": 16, "ratio": 0.5},
+        ],
+        "data": [{"pipeline": "tlunet", "workers": 2, "image_size": 128, "samples_per_s": 100}],
+        "train": [
+            {"loop": "lightning", "image_size": 128, "images_per_s": 30.0},
+            {"loop": "lightning", "image_size": 128, "images_per_s": 40.0},
+            {"loop": "bare", "image_size": 128, "images_per_s": 90.0},
+        ],
+        "start": [{"start": "warm", "slices": FULL_SET_SLICES, "total_s": 0.4}],
+        "inference": [{"command": "tlunet.evaluate stage=all", "seconds": 61.0}],
+    }
+    met = {t["target"].split(" ")[0]: t["met"] for t in evaluate_targets(results)}
+    assert len(evaluate_targets(results)) == 4  # the 64 px pair is not a target
+    assert met == {"Lightning": False, "data,": False, "warm": True, "evaluation": False}
+    results["data"][0]["samples_per_s"] = 120  # 3 x the fastest (40), not the first (30)
+    assert any(t["met"] for t in evaluate_targets(results) if t["target"].startswith("data"))
+
+
+def test_evaluate_every_slice(tiny_run: Path, tmp_path: Path, synthetic_root: Path) -> None:
+    out = run_cli(
+        [
+            "tlunet.evaluate",
+            f"ckpt_path={tiny_run / 'checkpoints' / 'best.ckpt'}",
+            "stage=all",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(tmp_path / "eval" / "per_slice.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(index_kaggle3m(synthetic_root))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["all/dice_per_patient"] <= 1
+
+
+def test_bench_command_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "kaggle_3m"
+    shutil.copytree(synthetic_root, root)
+    out_dir = tmp_path / "bench"
+    args = [
+        "tlunet.bench",
+        f"--data-root={root}",
+        f"--out={out_dir}",
+        "--image-size=64",
+        "--small-size=32",
+        "--batch-size=4",
+        "--encoders=resnet18",
+        "--workers=0,2",
+        "--batches=4",
+        "--warmup=1",
+        "--steps=2",
+        "--repeats=1",
+        "--full-size=60",
+        "--predict-patients=1",
+    ]
+    result = run_cli(args, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    bench = json.loads((out_dir / "bench.json").read_text())
+    assert bench["machine"]["cpu_count"] >= 1 and bench["machine"]["torch"] == torch.__version__
+    data = {(r["pipeline"], r["workers"]): r for r in bench["data"]}
+    assert set(data) == {("tlunet", 0), ("tlunet", 2), ("naive PIL", 0), ("naive PIL", 2)}
+    assert all(r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in data.values())
+    assert data[("tlunet", 2)]["workers_peak_rss_mb"] > 0  # the workers' memory is measured
+    starts = {(r["slices"], r["start"]) for r in bench["start"]}
+    slices = len(index_kaggle3m(root))
+    assert starts == {(slices, "cold"), (slices, "warm"), (60, "cold"), (60, "warm")}
+    assert [(r["loop"], r["image_size"]) for r in bench["train"]] == [
+        ("bare", 32),
+        ("lightning", 32),
+        ("bare", 64),
+        ("lightning", 64),
+    ]
+    assert all(p["ratio"] > 0 for p in bench["train_pairs"])
+    evaluate, predict = bench["inference"]
+    assert evaluate["slices"] == slices and evaluate["slices_per_s"] > 0
+    first_patient = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    assert predict["slices"] == len(list(first_patient.glob("*_mask.tif")))
+    assert {t["target"].split(" ")[0] for t in bench["targets"]} >= {"data,", "evaluation"}
+    text = (out_dir / "bench.md").read_text()
+    assert "Lightning / bare ratio" in text and "python -m tlunet.bench" in text
+    # Only the figures stay: the runs made to measure are removed.
+    assert sorted(p.name for p in out_dir.iterdir()) == ["bench.json", "bench.md"]
