@@ -41,19 +41,23 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name="train", overrides=overrides or [])
 
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600):
-    """Run ``python -m <args>`` in a subprocess, offline, with a private cache; return the result."""
-    full_env = {
+def cli_env(cwd: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test's subprocess: offline, with a private cache under ``cwd``."""
+    return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TLUNET_CACHE_DIR": str(cwd / ".tlunet-cache"),
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600):
+    """Run ``python -m <args>`` in a subprocess, offline, with a private cache; return the result."""
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=cwd,
-        env=full_env,
+        env=cli_env(cwd, env),
         capture_output=True,
         text=True,
         timeout=timeout,

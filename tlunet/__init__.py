@@ -1,3 +1,13 @@
 """tlunet: transfer-learning U-Nets for lower-grade glioma segmentation in brain MRI."""
 
+from omegaconf import OmegaConf
+
 __version__ = "0.1.0"
+
+# ${tlunet.unless_resume:${resume},NORMAL,RESUMED}: NORMAL for a new run, RESUMED when the
+# command resumes a run (conf/hydra/default.yaml: the run directory is the resumed one).
+OmegaConf.register_new_resolver(
+    "tlunet.unless_resume",
+    lambda resume, normal, resumed: resumed if resume else normal,
+    replace=True,
+)

@@ -499,7 +499,8 @@ def _train_section(
     precisions = args.precisions or ("32-true,mixed" if args.device == "cuda" else "32-true")
     channels = {"false": [False], "true": [True], "both": [False, True]}[args.channels_last]
     compiles = [False, True] if args.compile else [False]
-    sizes = [(encoders[0], args.small_size)] + [(e, args.image_size) for e in encoders]
+    sizes = [(encoders[0], args.small_size)] if args.small_size > 0 else []
+    sizes += [(e, args.image_size) for e in encoders]
     cases = [
         (encoder, size, precision, channels_last, compile_net)
         for encoder, size in sizes
@@ -705,7 +706,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="side of the data, inference and second training measurement (px)",
     )
     parser.add_argument(
-        "--small-size", type=int, default=64, help="side of the first training measurement (px)"
+        "--small-size",
+        type=int,
+        default=64,
+        help="side of the first training measurement (px); 0 skips it",
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(

@@ -1,14 +1,21 @@
-"""tlunet's own Lightning callbacks."""
+"""tlunet's own Lightning extensions: callbacks, an atomic checkpoint writer, a resumable
+CSV logger."""
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
+from tlunet.utils import write_text_atomic
 from tlunet.viz import denormalize, plot_predictions
 
 log = logging.getLogger(__name__)
@@ -77,3 +84,56 @@ class PredictionFigure(pl.Callback):
         plot_predictions(images, truths, preds, titles, self.path)
         self._tumour, self._free = {}, {}
         log.info("Prediction figure written to %s", self.path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place: a run killed
+    while saving leaves the previous ``last.ckpt`` intact, never a truncated one."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but an existing ``metrics.csv`` is continued, not deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class CSVLogger(pl.loggers.CSVLogger):
+    """``csv/metrics.csv``, continued across a resumed run (``resume=DIR``)."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def truncate_metrics_csv(path: Path, last_epoch: int) -> None:
+    """Drop the rows of ``metrics.csv`` logged after epoch ``last_epoch`` (those of a killed
+    run's unfinished epoch, which the resumed run logs again)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        rows = [r for r in reader if not r.get("epoch") or float(r["epoch"]) <= last_epoch]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, out.getvalue())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -167,6 +169,8 @@ class SegmentationModule(pl.LightningModule):
             batch["mask"],
             batch["patient"],
             None if detect_prob is None else detect_prob.detach(),
+            # Unique slice ids: the metric drops the slices DDP's sampler repeats as padding.
+            rows=batch.get("row"),
         )
         for name, value in {"loss": loss, **terms}.items():
             self.log(
@@ -231,4 +235,39 @@ class SegmentationModule(pl.LightningModule):
         checkpoint["tlunet"] = {
             "version": tlunet.__version__,
             "preprocessing": getattr(datamodule, "preprocessing", None),
+            "rng": rng_state(),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming a fit: the random streams continue where the checkpoint left them, so the
+        # resumed run computes what the uninterrupted one would have.
+        state = (checkpoint.get("tlunet") or {}).get("rng")
+        if state and self._trainer is not None and self.trainer.state.fn == "fit":
+            set_rng_state(state)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global torch, numpy and Python random states, as types ``weights_only`` loads."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))

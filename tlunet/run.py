@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tlunet.callbacks import AtomicCheckpointIO, truncate_metrics_csv
 from tlunet.errors import ConfigError
 from tlunet.models import MODELS, count_parameters
 from tlunet.models.aux_head import AuxHead, deepest_channels
@@ -61,8 +64,66 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[A
     if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto"):
         torch.set_float32_matmul_precision("high")
     return instantiate(
-        cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False
+        cfg.trainer,
+        precision=precision,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
     )
+
+
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """The stored config of the run ``cfg.resume`` names and its ``last.ckpt``.
+
+    Raises :class:`ConfigError` when the folder is not a tlunet run, the run is complete, it
+    has no checkpoint yet, the checkpoint cannot be loaded safely, or other overrides were given.
+    """
+    run_dir = Path(str(cfg.resume)).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"resume='{cfg.resume}' is not a folder: pass a run directory (outputs/runs/<run>)."
+        )
+    stored = run_dir / "config.yaml"
+    if not stored.is_file():
+        # Hydra made the folder for this command (a mistyped path): leave nothing behind.
+        if {p.name for p in run_dir.iterdir()} <= {".hydra-resumed", "train.log"}:
+            root_logger = logging.getLogger()
+            for handler in list(root_logger.handlers):
+                if isinstance(handler, logging.FileHandler) and Path(
+                    handler.baseFilename
+                ).is_relative_to(run_dir):
+                    root_logger.removeHandler(handler)
+                    handler.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise ConfigError(f"resume='{cfg.resume}' holds no config.yaml: it is not a tlunet run.")
+    if (run_dir / "metrics.json").exists():
+        raise ConfigError(f"The run in '{run_dir}' is complete (metrics.json exists).")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise ConfigError(
+            f"'{ckpt}' does not exist: the run stopped before its first epoch ended. "
+            "Start it again instead."
+        )
+    if HydraConfig.initialized():
+        others = [
+            o
+            for o in HydraConfig.get().overrides.task
+            if not o.startswith(("resume=", "hydra.", "+hydra."))
+        ]
+        if others:
+            raise ConfigError(
+                f"resume= continues a run with its own config; drop the other overrides {others}."
+            )
+    from tlunet.evaluate import load_checkpoint  # weights_only: refuses foreign pickles
+
+    load_checkpoint(ckpt)
+    text = stored.read_text()
+    old_dir = OmegaConf.create(text).paths.output_dir
+    if str(old_dir) != str(run_dir):  # the run folder was moved: follow it
+        text = text.replace(str(old_dir), str(run_dir))
+    run_cfg = OmegaConf.create(text)
+    run_cfg.resume = str(run_dir)
+    return run_cfg, ckpt
 
 
 def _has_pretrained_encoder(cfg: DictConfig, net: Any) -> bool:
@@ -71,7 +132,7 @@ def _has_pretrained_encoder(cfg: DictConfig, net: Any) -> bool:
 
 
 #: Config keys that do not change what a run computes: left out of ``config_hash``.
-_HASH_EXCLUDED = ("seed", "paths", "callbacks", "logger", "test", "task_name")
+_HASH_EXCLUDED = ("seed", "paths", "callbacks", "logger", "test", "task_name", "resume")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -84,6 +145,7 @@ def config_hash(cfg: DictConfig) -> str:
     data.pop("num_workers", None)
     data.pop("fold", None)  # the folds of one cross-validation are one configuration
     data.pop("cache_dir", None)
+    data.pop("seed", None)  # the run's seed: left out above
     container["data"] = data
     trainer = dict(container.get("trainer", {}))
     trainer.pop("default_root_dir", None)  # the run directory
@@ -125,9 +187,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Returns ``{"metrics": test metrics, "best_score": best monitored value, "run_dir": path}``.
     """
+    ckpt_path = None
+    if cfg.get("resume"):
+        cfg, ckpt_path = resume_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if ckpt_path is None:
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    else:
+        log.info("Resuming the run in %s from %s", run_dir, ckpt_path)
+        epoch = torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]
+        truncate_metrics_csv(run_dir / "csv" / "metrics.csv", epoch)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
@@ -157,7 +227,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, callbacks, loggers)
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - started
 
     checkpoint = trainer.checkpoint_callback
@@ -181,6 +251,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if missing:
             log.warning("Test metrics missing from the run: %s", missing)
 
+    if not trainer.is_global_zero:  # one process writes the run's files
+        return {"metrics": metrics, "best_score": best_score, "run_dir": str(run_dir)}
     metrics_csv = run_dir / "csv" / "metrics.csv"
     if metrics_csv.exists():
         try:
@@ -203,6 +275,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "monitor": cfg.monitor.metric,
         "best_score": best_score,
         "best_checkpoint": best_path or None,
+        "resumed_from": str(ckpt_path) if ckpt_path else None,
         "train_time_s": round(train_time, 3),
         "test_time_s": round(test_time, 3) if test_time is not None else None,
         "parameters": count_parameters(module),

@@ -10,10 +10,11 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
+from pytorch_lightning.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
 from tlunet.data.cache import ON_ERRORS, DecodedSlices, decode_slices
-from tlunet.data.dataset import SliceDataset
+from tlunet.data.dataset import SeededShuffleSampler, SliceDataset
 from tlunet.data.index import SliceRecord, scan_kaggle3m
 from tlunet.data.splits import (
     PAPER_SPLIT_SIZES,
@@ -45,11 +46,13 @@ class LGGDataModule(pl.LightningDataModule):
             test patients are fold ``fold`` of ``num_folds``, validation patients are carved
             from the others in the proportion of ``split_fractions``. ``None``: no folds.
         image_size: side in pixels the slices are resized to (a multiple of 32).
-        batch_size, num_workers, pin_memory, persistent_workers: DataLoader settings.
+        batch_size, num_workers, pin_memory, persistent_workers: DataLoader settings;
+            ``pin_memory=None`` pins batches only when training on a CUDA GPU.
         normalization: ``imagenet`` (the statistics the pretrained encoders expect) or
             ``dataset`` (per-channel mean/std of the training split).
         augment: albumentations transforms applied to training slices after resizing.
         cache_dir: folder for the decoded-slice cache (``None``: decode into memory each run).
+        seed: seed of the training order and augmentations (:class:`SeededShuffleSampler`).
         on_error: ``raise`` (stop at the first unusable file, naming it) or ``skip`` (drop each
             unusable slice, listed in ``skipped`` after :meth:`setup`).
         synthetic: parameters of :func:`write_synthetic_dataset`; when given, phantoms are
@@ -68,13 +71,14 @@ class LGGDataModule(pl.LightningDataModule):
         image_size: int = 256,
         batch_size: int = 32,
         num_workers: int = 2,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         persistent_workers: bool = True,
         normalization: str = "imagenet",
         augment: Sequence[A.BasicTransform] | None = None,
         cache_dir: str | None = None,
         synthetic: Mapping[str, Any] | None = None,
         on_error: str = "raise",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if on_error not in ON_ERRORS:
@@ -119,6 +123,7 @@ class LGGDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.synthetic = dict(synthetic) if synthetic else None
         self.on_error = on_error
+        self.seed = seed
 
         self.records: list[SliceRecord] = []
         #: ``{"path", "reason"}`` of every slice dropped with ``on_error=skip``, sorted by path.
@@ -231,12 +236,21 @@ class LGGDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=SeededShuffleSampler(len(dataset), self.seed) if shuffle else None,
             drop_last=shuffle and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin_memory(),
             persistent_workers=self.persistent_workers,
         )
+
+    def _pin_memory(self) -> bool:
+        """``pin_memory``, or when ``None``: on when the attached trainer runs on a CUDA GPU
+        (page-locked batches copy to the GPU asynchronously); off on the CPU, where it only
+        costs."""
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        accelerator = getattr(getattr(self, "trainer", None), "accelerator", None)
+        return isinstance(accelerator, CUDAAccelerator)
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", shuffle=True)

@@ -1,11 +1,51 @@
-"""A map-style Dataset over decoded slices."""
+"""A map-style Dataset over decoded slices, and the seeded sampler that makes training
+reproducible: data order and every augmentation are functions of (seed, epoch, slice)."""
 
 from __future__ import annotations
+
+import random
+from collections.abc import Iterator
 
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
+
+
+def sample_seed(seed: int, epoch: int, index: int | None = None) -> int:
+    """The augmentation seed of sample ``index`` in ``epoch`` of a run seeded ``seed``, or
+    with ``index=None`` the seed of the epoch's order."""
+    key = [seed, epoch, 0] if index is None else [seed, epoch, 1, index]
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
+
+
+class SeededShuffleSampler(Sampler[tuple[int, int]]):
+    """Shuffles ``num_samples`` indices with a permutation drawn from ``(seed, epoch)`` and
+    pairs each index with its augmentation seed.
+
+    Lightning calls :meth:`set_epoch` before every epoch (also after resuming from a
+    checkpoint), so epoch ``e`` of a run sees the same order and the same augmentations
+    whether or not the run was interrupted, whatever the number of DataLoader workers.
+    Without ``set_epoch`` calls the epoch advances by one per pass.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch))
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        self.epoch += 1
+        return iter([(i, sample_seed(self.seed, epoch, i)) for i in order])
 
 
 class SliceDataset(Dataset):
@@ -35,7 +75,14 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Sample ``item``: an index, or ``(index, seed)`` from :class:`SeededShuffleSampler`
+        (the augmentations then draw from generators seeded with ``seed``)."""
+        if isinstance(item, tuple | list):
+            i, seed = (int(v) for v in item)
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        else:
+            i = int(item)
         row = int(self.rows[i])
         out = self.transform(image=np.asarray(self.images[row]), mask=np.asarray(self.masks[row]))
         return {

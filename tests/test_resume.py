@@ -1,0 +1,155 @@
+"""Reproducibility and crash recovery: equal seeds give equal runs, and a run killed part way
+and resumed ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import TINY_RUN, cli_env, run_cli
+
+EPOCHS = 5
+#: A tiny run with augmentation, every stage, deterministic algorithms and several epochs.
+RUN = [
+    *[o for o in TINY_RUN if not o.startswith(("trainer.max_epochs", "trainer.limit_train"))],
+    f"trainer.max_epochs={EPOCHS}",
+    "trainer.limit_train_batches=4",
+    "trainer.deterministic=true",
+    "seed=7",
+]
+
+
+def _train(root: Path, run_dir: Path, *extra: str) -> dict[str, float]:
+    out = run_cli(
+        ["tlunet.train", *RUN, f"data.root={root}", f"hydra.run.dir={run_dir}", *extra],
+        cwd=run_dir.parent,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"]
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _val_curve(run_dir: Path) -> list[tuple[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [(r["epoch"], r["val/dice_per_patient"]) for r in rows if r.get("val/dice_per_patient")]
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run (seed 7, deterministic)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    _train(synthetic_root, run_dir)
+    return run_dir
+
+
+def test_equal_seeds_give_identical_runs(reference: Path, synthetic_root: Path, tmp_path: Path):
+    # Two DataLoader workers instead of none: order and augmentations do not depend on them.
+    metrics = _train(synthetic_root, tmp_path / "again", "data.num_workers=2")
+    assert metrics == json.loads((reference / "metrics.json").read_text())
+    assert _same_weights(_weights(tmp_path / "again"), _weights(reference))
+    run = json.loads((reference / "run.json").read_text())
+    assert run["environment"]["libraries"]["torch"] == metadata.version("torch")
+    assert run["environment"]["tlunet"] and "git_commit" in run["environment"]
+    assert (reference / "config.yaml").is_file()
+
+    _train(synthetic_root, tmp_path / "other", "seed=8")
+    assert not _same_weights(_weights(tmp_path / "other"), _weights(reference))
+
+
+def test_killed_run_resumes_to_the_same_result(
+    reference: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "killed"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tlunet.train",
+            *RUN,
+            f"data.root={synthetic_root}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert last.exists(), "the run ended or timed out before its first checkpoint"
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert killed_at < EPOCHS - 1, "the run was not killed part way"
+    assert not (run_dir / "metrics.json").exists()
+
+    out = run_cli(["tlunet.train", f"resume={run_dir}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(
+        (reference / "metrics.json").read_text()
+    )
+    assert _same_weights(_weights(run_dir), _weights(reference))
+    assert _val_curve(run_dir) == _val_curve(reference)  # one log, no gap and no repeat
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["resumed_from"] == str(last) and run["epochs"] == EPOCHS
+
+    # A finished run is not resumed again.
+    again = run_cli(["tlunet.train", f"resume={run_dir}"], cwd=tmp_path)
+    assert again.returncode == 1 and "is complete" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "holds no config.yaml"),
+        ("no_config", "holds no config.yaml"),
+        ("no_checkpoint", "stopped before its first epoch ended"),
+        ("tampered", "Cannot load checkpoint .* safely"),
+        ("overrides", r"drop the other overrides \['encoder=vgg16'\]"),
+    ],
+)
+def test_resume_mistakes(case: str, message: str, tmp_path: Path) -> None:
+    import re
+
+    run_dir = tmp_path / "run"
+    extra = []
+    if case != "missing":
+        (run_dir / "checkpoints").mkdir(parents=True)
+    if case in ("no_checkpoint", "tampered", "overrides"):
+        (run_dir / "config.yaml").write_text(f"paths:\n  output_dir: {run_dir}\n")
+    if case in ("tampered", "overrides"):
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("echo pwned",))
+
+        torch.save({"state_dict": {}, "payload": Evil()}, run_dir / "checkpoints" / "last.ckpt")
+    if case == "overrides":
+        extra = ["encoder=vgg16"]
+    out = run_cli(["tlunet.train", f"resume={run_dir}", *extra], cwd=tmp_path)
+    assert out.returncode == 1
+    assert re.search(message, out.stderr), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "pwned" not in out.stdout
+    if case == "missing":  # Hydra's folder for the mistyped path is not left behind
+        assert not run_dir.exists()
