@@ -16,10 +16,15 @@ Totals: TP=2+0+0+1=3, FP=1+0+1+1=3, FN=1+0+0+1=2, TN=0+4+3+1=8, total=16.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DistributedSampler
 
 from tlunet.metrics import METRIC_KEYS, SegmentationMetrics, prefixed
 
@@ -243,3 +248,88 @@ def test_invalid_inputs():
 
 def test_prefixed():
     assert prefixed({"dice": 0.5, "iou": 0.25}, "val") == {"val/dice": 0.5, "val/iou": 0.25}
+
+
+def test_duplicated_rows_are_counted_once():
+    """DDP's DistributedSampler repeats slices to pad the last batch: with ``rows`` given, the
+    repeats change no value at all."""
+    det = torch.tensor([0.7, 0.1, 0.4, 0.5])
+    rows = torch.tensor([10, 11, 12, 13])
+    for detect_prob in (None, det):
+        reference = _computed(detect_prob=detect_prob)
+        m = SegmentationMetrics()
+        m.update(PROBS[:3], TRUTH[:3], PATIENT[:3], _part(detect_prob, slice(0, 3)), rows=rows[:3])
+        # a second "process": slice D, then slices A, C and A again as padding
+        again = torch.tensor([3, 0, 2, 0])
+        m.update(PROBS[again], TRUTH[again], PATIENT[again], _part(detect_prob, again), rows[again])
+        result = m.compute()
+        assert result == reference  # every key, exactly
+        assert result["num_slices"] == 4.0 and result["num_patients"] == 2.0
+
+
+def _part(x, index):
+    return None if x is None else x[index]
+
+
+def test_duplicates_count_twice_without_rows():
+    m = SegmentationMetrics()
+    m.update(PROBS, TRUTH, PATIENT)
+    m.update(PROBS[:1], TRUTH[:1], PATIENT[:1])
+    assert m.compute()["num_slices"] == 5.0
+
+
+def test_rows_must_be_given_to_every_update_or_none():
+    m = SegmentationMetrics()
+    m.update(PROBS[:2], TRUTH[:2], PATIENT[:2], rows=torch.tensor([0, 1]))
+    m.update(PROBS[2:], TRUTH[2:], PATIENT[2:])
+    with pytest.raises(ValueError, match="rows"):
+        m.compute()
+    with pytest.raises(ValueError, match="rows"):
+        m.update(PROBS, TRUTH, PATIENT, rows=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="integers"):
+        m.update(PROBS, TRUTH, PATIENT, rows=torch.tensor([0.0, 1.0, 2.0, 3.0]))
+
+
+def _seven_slices() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """7 random 8x8 slices of 3 patients: an odd count, so 2 processes need padding."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(7, 8, 8, generator=g)
+    truth = (torch.rand(7, 8, 8, generator=g) > 0.6).float()
+    truth[1] = 0  # a tumour-free slice
+    return probs, truth, torch.tensor([0, 0, 1, 1, 1, 2, 2])
+
+
+def _gathered_metrics_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One DDP process: its DistributedSampler share (padded), batches of 2, then compute()."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        probs, truth, patient = _seven_slices()
+        share = list(DistributedSampler(range(len(probs)), world, rank, shuffle=False))
+        results = {}
+        for with_rows in (True, False):
+            m = SegmentationMetrics()
+            for start in range(0, len(share), 2):
+                i = torch.tensor(share[start : start + 2])
+                m.update(probs[i], truth[i], patient[i], rows=i if with_rows else None)
+            results[str(with_rows)] = m.compute()  # gathers every process's slices
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_process(tmp_path: Path):
+    """Metrics gathered from 2 gloo processes, patients spread over both, equal one process's."""
+    mp.spawn(
+        _gathered_metrics_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    probs, truth, patient = _seven_slices()
+    reference = _computed(probs, truth, patient)
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert results["True"] == pytest.approx(reference, abs=1e-12, nan_ok=True), rank
+        assert results["True"]["num_slices"] == 7.0
+        # without ids the padding slice (slice 0, on process 1) counts twice
+        assert results["False"]["num_slices"] == 8.0

@@ -30,6 +30,13 @@ Keys returned by ``compute()``:
   otherwise when its thresholded predicted mask is non-empty. Sensitivity is NaN when the set has
   no tumour slices, specificity is NaN when it has no tumour-free slices.
 * ``num_slices`` and ``num_patients``: sizes of the evaluated set (as floats).
+
+Duplicated slices: when ``update`` is given ``rows`` (a unique id per slice, e.g. its row in the
+decoded arrays), ``compute`` keeps only the first occurrence of every id and drops the others
+before computing anything. Under DDP, Lightning's ``DistributedSampler`` pads the validation and
+test sets with repeated slices so that every process gets the same number; without ``rows``
+those repeats would be counted twice and a multi-process run would not match a one-process run.
+Either every ``update`` of an accumulation gets ``rows`` or none does.
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ METRIC_KEYS: tuple[str, ...] = (
 """The keys of the dictionary returned by :meth:`SegmentationMetrics.compute`, in order."""
 
 _STATE_NAMES: tuple[str, ...] = ("patient", "tp", "fp", "fn", "tn", "detect", "truth_any")
+#: The optional per-slice id state used to drop duplicated slices (see the module docstring).
+_ROWS_STATE = "rows"
 
 
 def _dice(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
@@ -120,13 +129,14 @@ class SegmentationMetrics(torchmetrics.Metric):
     tn: list[Tensor]
     detect: list[Tensor]
     truth_any: list[Tensor]
+    rows: list[Tensor]
 
     def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
         self.threshold = float(threshold)
-        for name in _STATE_NAMES:
+        for name in (*_STATE_NAMES, _ROWS_STATE):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(
@@ -135,6 +145,7 @@ class SegmentationMetrics(torchmetrics.Metric):
         target: Tensor,
         patient: Tensor,
         detect_prob: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> None:
         """Add a batch of slices.
 
@@ -144,6 +155,8 @@ class SegmentationMetrics(torchmetrics.Metric):
             patient: (N,) integer patient ids (arbitrary, not necessarily contiguous).
             detect_prob: optional (N,) probability that each slice contains tumour. When None a
                 slice is detected iff its thresholded predicted mask is non-empty.
+            rows: optional (N,) integer id unique to each slice of the evaluated set. Slices
+                seen again with an id already seen (DDP padding) are ignored by ``compute``.
         """
         p = _flatten_masks(probs, "probs")
         t = _flatten_masks(target, "target")
@@ -174,6 +187,12 @@ class SegmentationMetrics(torchmetrics.Metric):
                     f"detect_prob must have {n} entries, got shape {tuple(detect_prob.shape)}"
                 )
             detect = detect_prob.float() >= self.threshold
+        if rows is not None:
+            rows = rows.reshape(-1)
+            if rows.numel() != n:
+                raise ValueError(f"rows must have {n} entries, got shape {tuple(rows.shape)}")
+            if rows.is_floating_point():
+                raise ValueError("rows (slice ids) must be integers")
 
         self.patient.append(patient.to(device=tp.device, dtype=torch.int64))
         self.tp.append(tp)
@@ -183,6 +202,8 @@ class SegmentationMetrics(torchmetrics.Metric):
         # Stored as int64 rather than bool so every backend can all-gather them under DDP.
         self.detect.append(detect.to(device=tp.device, dtype=torch.int64))
         self.truth_any.append(truth.any(dim=1).to(torch.int64))
+        if rows is not None:
+            self.rows.append(rows.to(device=tp.device, dtype=torch.int64))
 
     def compute(self) -> dict[str, float]:
         """Return the metric dictionary (keys in :data:`METRIC_KEYS`) as python floats."""
@@ -195,6 +216,10 @@ class SegmentationMetrics(torchmetrics.Metric):
         fn, tn = dim_zero_cat(self.fn), dim_zero_cat(self.tn)
         detect = dim_zero_cat(self.detect).bool()
         truth_any = dim_zero_cat(self.truth_any).bool()
+        keep = self._first_occurrences(tp.numel())
+        if keep is not None:
+            patient, tp, fp, fn, tn = (x[keep] for x in (patient, tp, fp, fn, tn))
+            detect, truth_any = detect[keep], truth_any[keep]
         n_slices = tp.numel()
         if n_slices == 0:
             raise ValueError("SegmentationMetrics.compute(): the accumulated set has no slices")
@@ -249,6 +274,28 @@ class SegmentationMetrics(torchmetrics.Metric):
         result["num_slices"] = float(n_slices)
         result["num_patients"] = float(n_patients)
         return {k: result[k] for k in METRIC_KEYS}
+
+    def _first_occurrences(self, n_slices: int) -> Tensor | None:
+        """Indices (in accumulation order) of the first slice of every ``rows`` id, or None
+        when no ids were given. After a DDP gather the order is rank 0's slices, then rank 1's..."""
+        rows = self.rows
+        if isinstance(rows, list):
+            if len(rows) == 0:
+                return None
+            rows = dim_zero_cat(rows)
+        if rows.numel() == 0:  # every process updated without ids (gathered as empty tensors)
+            return None
+        if rows.numel() != n_slices:
+            raise ValueError(
+                f"SegmentationMetrics: {rows.numel()} slice ids (rows) for {n_slices} slices; "
+                "give rows to every update() or to none"
+            )
+        rows = rows.long()
+        order = torch.argsort(rows, stable=True)
+        sorted_rows = rows[order]
+        first = torch.ones_like(sorted_rows, dtype=torch.bool)
+        first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+        return order[first].sort().values
 
 
 def prefixed(metrics: dict[str, float], stage: str) -> dict[str, float]:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torchmetrics
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -17,6 +18,8 @@ from tlunet.errors import ConfigError
 from tlunet.metrics import SegmentationMetrics, prefixed
 
 STAGES = ("train", "val", "test")
+#: The loss terms logged per stage (``loss_seg`` and ``loss_aux`` only with the aux head).
+LOSS_TERMS = ("loss", "loss_seg", "loss_aux")
 
 
 class SegmentationModule(pl.LightningModule):
@@ -85,6 +88,13 @@ class SegmentationModule(pl.LightningModule):
         # Keys carry a suffix: "train" would clash with nn.Module.train.
         self.metrics = nn.ModuleDict(
             {f"{s}_metrics": SegmentationMetrics(threshold=threshold) for s in STAGES}
+        )
+        # Epoch means of the loss terms, reduced across processes in the epoch-end hooks
+        # together with the metrics (not by self.log(sync_dist=True), whose reduction happens
+        # whenever a rank first reads the value: rank 0's progress bar reads it before
+        # on_train_epoch_end, the other ranks after it, and the collectives then deadlock).
+        self.loss_means = nn.ModuleDict(
+            {f"{s}_{t}": torchmetrics.MeanMetric() for s in STAGES for t in LOSS_TERMS}
         )
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -173,14 +183,7 @@ class SegmentationModule(pl.LightningModule):
             rows=batch.get("row"),
         )
         for name, value in {"loss": loss, **terms}.items():
-            self.log(
-                f"{stage}/{name}",
-                value,
-                on_epoch=True,
-                on_step=False,
-                batch_size=len(logits),
-                sync_dist=True,
-            )
+            self.loss_means[f"{stage}_{name}"].update(value.detach().float(), weight=len(logits))
         if stage == "train":
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss, probs
@@ -200,6 +203,11 @@ class SegmentationModule(pl.LightningModule):
             return
         values = prefixed(metric.compute(), stage)
         metric.reset()
+        for term in LOSS_TERMS:
+            mean = self.loss_means[f"{stage}_{term}"]
+            if mean.update_called:
+                values[f"{stage}/{term}"] = float(mean.compute())
+                mean.reset()
         self.epoch_metrics[stage] = values
         # Values are already reduced across processes by torchmetrics: no sync_dist.
         for name, value in values.items():

@@ -13,6 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from pytorch_lightning.utilities import rank_zero_only
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,12 +64,17 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[A
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.accelerator)
     if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto"):
         torch.set_float32_matmul_precision("high")
+    overrides = {}
+    if cfg.trainer.get("sync_batchnorm") and cfg.trainer.accelerator == "cpu":
+        log.warning("trainer.sync_batchnorm needs CUDA (torch's SyncBatchNorm): off on the CPU.")
+        overrides["sync_batchnorm"] = False
     return instantiate(
         cfg.trainer,
         precision=precision,
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
+        **overrides,
     )
 
 
@@ -192,12 +198,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg, ckpt_path = resume_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    is_zero = rank_zero_only.rank == 0  # under DDP, one process writes the run's files
     if ckpt_path is None:
-        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if is_zero:
+            write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     else:
         log.info("Resuming the run in %s from %s", run_dir, ckpt_path)
-        epoch = torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]
-        truncate_metrics_csv(run_dir / "csv" / "metrics.csv", epoch)
+        if is_zero:
+            epoch = torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]
+            truncate_metrics_csv(run_dir / "csv" / "metrics.csv", epoch)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
@@ -205,7 +214,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     skipped = getattr(datamodule, "skipped", None)
-    if skipped:
+    if skipped and is_zero:
         write_text_atomic(
             run_dir / "skipped_files.csv",
             csv_text(["path", "reason"], [[p["path"], p["reason"]] for p in skipped]),
