@@ -13,9 +13,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from pytorch_lightning.utilities import rank_zero_only
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from tlunet.callbacks import AtomicCheckpointIO, truncate_metrics_csv
 from tlunet.errors import ConfigError
