@@ -36,6 +36,7 @@ import traceback
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -420,7 +421,15 @@ def run_isolated(name: str, **kwargs: Any) -> dict[str, Any]:
     queue = ctx.Queue()
     process = ctx.Process(target=_child, args=(name, kwargs, queue))
     process.start()
-    status, payload = queue.get()
+    while True:
+        try:
+            status, payload = queue.get(timeout=5)
+            break
+        except Empty:
+            if not process.is_alive():  # killed (e.g. out of memory) before it could report
+                raise RuntimeError(
+                    f"benchmark job '{name}' died with exit code {process.exitcode}"
+                ) from None
     process.join()
     if status != "ok":
         raise RuntimeError(f"benchmark job '{name}' failed:\n{payload}")

@@ -98,6 +98,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # on disk before it replaces the previous checkpoint
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -123,15 +128,23 @@ class CSVLogger(pl.loggers.CSVLogger):
         return self._experiment
 
 
-def truncate_metrics_csv(path: Path, last_epoch: int) -> None:
-    """Drop the rows of ``metrics.csv`` logged after epoch ``last_epoch`` (those of a killed
-    run's unfinished epoch, which the resumed run logs again)."""
+def truncate_metrics_csv(path: Path, last_epoch: int, global_step: int) -> None:
+    """Drop the rows of ``metrics.csv`` logged after a checkpoint taken at the end of epoch
+    ``last_epoch`` (step ``global_step``): those of the killed run's unfinished epoch, which the
+    resumed run logs again. Rows without an epoch (the learning rate, logged as an epoch
+    starts) are kept when they precede ``global_step``."""
     if not path.is_file():
         return
+
+    def kept(row: dict[str, str]) -> bool:
+        if row.get("epoch"):
+            return float(row["epoch"]) <= last_epoch
+        return not row.get("step") or float(row["step"]) < global_step
+
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        rows = [r for r in reader if not r.get("epoch") or float(r["epoch"]) <= last_epoch]
+        rows = [r for r in reader if kept(r)]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n")
     writer.writeheader()

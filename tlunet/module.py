@@ -94,7 +94,11 @@ class SegmentationModule(pl.LightningModule):
         # whenever a rank first reads the value: rank 0's progress bar reads it before
         # on_train_epoch_end, the other ranks after it, and the collectives then deadlock).
         self.loss_means = nn.ModuleDict(
-            {f"{s}_{t}": torchmetrics.MeanMetric() for s in STAGES for t in LOSS_TERMS}
+            {
+                f"{s}_{t}": torchmetrics.MeanMetric(nan_strategy="disable")  # NaN shows as NaN
+                for s in STAGES
+                for t in LOSS_TERMS
+            }
         )
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -267,6 +271,7 @@ def rng_state() -> dict[str, Any]:
             "gauss": float(gauss),
         },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
@@ -279,3 +284,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

@@ -111,11 +111,9 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
             "Start it again instead."
         )
     if HydraConfig.initialized():
-        others = [
-            o
-            for o in HydraConfig.get().overrides.task
-            if not o.startswith(("resume=", "hydra.", "+hydra."))
-        ]
+        # Where and how the job runs may change (e.g. resubmitting it with cluster=slurm).
+        allowed = ("resume=", "hydra.", "+hydra.", "cluster=", "+cluster=", "hydra/launcher=")
+        others = [o for o in HydraConfig.get().overrides.task if not o.startswith(allowed)]
         if others:
             raise ConfigError(
                 f"resume= continues a run with its own config; drop the other overrides {others}."
@@ -123,11 +121,14 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     from tlunet.evaluate import load_checkpoint  # weights_only: refuses foreign pickles
 
     load_checkpoint(ckpt)
-    text = stored.read_text()
-    old_dir = OmegaConf.create(text).paths.output_dir
-    if str(old_dir) != str(run_dir):  # the run folder was moved: follow it
-        text = text.replace(str(old_dir), str(run_dir))
-    run_cfg = OmegaConf.create(text)
+    run_cfg = OmegaConf.load(stored)
+    first_dir = Path(str(run_cfg.paths.output_dir)).resolve()
+    if first_dir != run_dir:
+        # The checkpoint callback's state (best model, last path) names the first folder.
+        raise ConfigError(
+            f"The run in '{run_dir}' was started in '{first_dir}': resume it there "
+            "(move the folder back, or link it to that path)."
+        )
     run_cfg.resume = str(run_dir)
     return run_cfg, ckpt
 
@@ -202,11 +203,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path is None:
         if is_zero:
             write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            (run_dir / "csv" / "metrics.csv").unlink(missing_ok=True)  # a new run, a new log
     else:
         log.info("Resuming the run in %s from %s", run_dir, ckpt_path)
         if is_zero:
-            epoch = torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]
-            truncate_metrics_csv(run_dir / "csv" / "metrics.csv", epoch)
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            truncate_metrics_csv(
+                run_dir / "csv" / "metrics.csv", state["epoch"], state["global_step"]
+            )
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)

@@ -10,6 +10,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
@@ -233,10 +234,22 @@ class LGGDataModule(pl.LightningDataModule):
     def dataloader(self, stage: str, shuffle: bool = False) -> DataLoader:
         """The DataLoader over ``stage`` (train, val or test)."""
         dataset = self.datasets[stage]
+        sampler = None
+        if shuffle:
+            sampler = SeededShuffleSampler(len(dataset), self.seed)
+            # Lightning creates the first iterator (whose workers fetch from the sampler at once)
+            # before it calls set_epoch(epochs processed): start at that epoch, which a resumed
+            # run has restored by now.
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:
+                sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=SeededShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            sampler=sampler,
+            # Worker seeds come from this generator, not from the global random stream, which
+            # stays the model's alone (dropout): a resumed run draws what the original would.
+            generator=torch.Generator().manual_seed(self.seed),
             drop_last=shuffle and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self._pin_memory(),
