@@ -161,3 +161,33 @@ def test_resume_mistakes(case: str, message: str, tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr and "pwned" not in out.stdout
     if case == "missing":  # Hydra's folder for the mistyped path is not left behind
         assert not run_dir.exists()
+
+
+def test_sampler_order_and_augmentations_are_functions_of_seed_and_epoch(
+    synthetic_root: Path,
+) -> None:
+    import albumentations as A
+
+    from tlunet.data.datamodule import LGGDataModule
+    from tlunet.data.dataset import SeededShuffleSampler
+
+    sampler = SeededShuffleSampler(50, seed=3)
+    sampler.set_epoch(4)
+    first = list(sampler)
+    assert sorted(i for i, _ in first) == list(range(50))  # a permutation
+    sampler.set_epoch(4)
+    assert list(sampler) == first  # set_epoch replays an epoch exactly
+    assert list(sampler) != first  # without set_epoch the next pass is the next epoch
+    assert list(SeededShuffleSampler(50, seed=4)) != list(SeededShuffleSampler(50, seed=3))
+
+    dm = LGGDataModule(
+        root=str(synthetic_root),
+        image_size=64,
+        num_workers=0,
+        augment=[A.Affine(rotate=(-30, 30), p=1)],
+    )
+    dm.setup("fit")
+    train = dm.datasets["train"]
+    a, b, c = train[(0, 11)], train[(0, 11)], train[(0, 12)]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert not torch.equal(a["image"], c["image"])

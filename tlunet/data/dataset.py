@@ -12,11 +12,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 
-def sample_seed(seed: int, epoch: int, index: int | None = None) -> int:
-    """The augmentation seed of sample ``index`` in ``epoch`` of a run seeded ``seed``, or
-    with ``index=None`` the seed of the epoch's order."""
-    key = [seed, epoch, 0] if index is None else [seed, epoch, 1, index]
-    return int(np.random.SeedSequence(key).generate_state(1)[0])
+def epoch_seeds(seed: int, epoch: int, num_samples: int) -> tuple[int, np.ndarray]:
+    """The seed of the order of ``epoch`` and the augmentation seed of every sample in it,
+    for a run seeded ``seed`` (one SeedSequence per epoch: cheap)."""
+    order = int(np.random.SeedSequence([seed, epoch, 0]).generate_state(1)[0])
+    return order, np.random.SeedSequence([seed, epoch, 1]).generate_state(num_samples)
 
 
 class SeededShuffleSampler(Sampler[tuple[int, int]]):
@@ -41,11 +41,12 @@ class SeededShuffleSampler(Sampler[tuple[int, int]]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch))
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        order_seed, seeds = epoch_seeds(self.seed, self.epoch, self.num_samples)
         self.epoch += 1
-        return iter([(i, sample_seed(self.seed, epoch, i)) for i in order])
+        order = torch.randperm(
+            self.num_samples, generator=torch.Generator().manual_seed(order_seed)
+        )
+        return iter([(i, int(seeds[i])) for i in order.tolist()])
 
 
 class SliceDataset(Dataset):
