@@ -79,18 +79,15 @@ def test_compiled_network_keeps_its_parameter_names_and_results() -> None:
 
 
 def test_model_options_reach_the_module(tmp_path: Path) -> None:
-    cfg = compose_config(
-        [
-            "encoder=resnet18",
-            "encoder.weights=null",
-            "model.channels_last=true",
-            f"paths.output_dir={tmp_path}",
-        ]
-    )
+    base = ["encoder=resnet18", "encoder.weights=null", f"paths.output_dir={tmp_path}"]
+    cfg = compose_config(base)  # channels-last by default
     module = build_module(cfg, instantiate(cfg.model.net))
     assert module.channels_last
     assert module.net.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert cfg.model.compile is False
+    cfg = compose_config([*base, "model.channels_last=false"])
+    module = build_module(cfg, instantiate(cfg.model.net))
+    assert not module.channels_last and module.net.encoder.conv1.weight.is_contiguous()
 
 
 def test_synthetic_set_of_an_exact_size() -> None:

@@ -232,8 +232,7 @@ def job_train(
         "callbacks.early_stopping=null",  # no validation here: nothing to monitor
         "callbacks.prediction_figure=null",
     ]
-    # Only when asked: the benchmark also runs on versions without these options.
-    overrides += ["model.channels_last=true"] if channels_last else []
+    overrides += [f"model.channels_last={str(channels_last).lower()}"]
     overrides += ["model.compile=true"] if compile_net else []
     cfg = _compose("train", overrides)
     batches = _fixed_batches(cfg, warmup + steps)
@@ -733,7 +732,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="training precisions (default: 32-true on cpu, 32-true,mixed on cuda)",
     )
     parser.add_argument(
-        "--channels-last", default="false", help="false, true or both (training measurements)"
+        "--channels-last", default="true", help="false, true or both (training measurements)"
     )
     parser.add_argument("--compile", action="store_true", help="also time model.compile=true")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps")
