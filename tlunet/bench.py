@@ -570,7 +570,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if pair["batch_size"] == 16 and pair["image_size"] == 128:
             targets.append(
                 {
-                    "target": f"Lightning >= 0.95x bare loop ({pair['encoder']}, b16, 128 px)",
+                    "target": f"Lightning >= 0.95x bare loop ({pair['encoder']}, b16, 128 px"
+                    + (", channels-last)" if pair.get("channels_last") else ")"),
                     "value": pair["ratio"],
                     "met": pair["ratio"] >= 0.95,
                 }
