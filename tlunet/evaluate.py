@@ -240,6 +240,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         enable_model_summary=False,
         precision="32-true",
     )
+    datamodule.trainer = trainer  # data.pin_memory=null: pinned when evaluating on CUDA
     loader = datamodule.dataloader(cfg.stage, shuffle=False)
     collector = _collect(trainer, module, loader, tta == "flip")
     baseline = {**trainer.callback_metrics, **module.epoch_metrics["test"]}
