@@ -35,10 +35,17 @@ def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """The composed ``train`` config, as ``python -m tlunet.train`` would see it."""
+def compose_config(
+    overrides: list[str] | None = None, return_hydra_config: bool = False
+) -> DictConfig:
+    """The composed ``train`` config, as ``python -m tlunet.train`` would see it (with its
+    ``hydra`` node, launcher settings included, when ``return_hydra_config``)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides or [])
+        return compose(
+            config_name="train",
+            overrides=overrides or [],
+            return_hydra_config=return_hydra_config,
+        )
 
 
 def cli_env(cwd: Path, env: dict[str, str] | None = None) -> dict[str, str]:

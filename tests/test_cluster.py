@@ -6,38 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from .conftest import CONF_DIR, TINY_RUN, run_cli
+from .conftest import TINY_RUN, compose_config, run_cli
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[cluster]'")
 
 
-#: ``cluster=slurm`` once conf/train.yaml lists ``- cluster: null`` in its defaults, else the
-#: group is appended: ``+cluster=slurm``.
-CLUSTER = (
-    "cluster"
-    if any(
-        line.strip().startswith("- cluster:")
-        for line in (CONF_DIR / "train.yaml").read_text().splitlines()
-    )
-    else "+cluster"
-)
-
-
-def _compose_with_hydra(overrides: list[str]):
-    """The composed ``train`` config with its ``hydra`` node (launcher settings included)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
-
-
 def test_without_cluster_the_basic_launcher_runs_jobs() -> None:
-    cfg = _compose_with_hydra([])
+    cfg = compose_config([], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("BasicLauncher")
 
 
 def test_slurm_launcher_config() -> None:
-    cfg = _compose_with_hydra([f"{CLUSTER}=slurm", "hydra.sweep.dir=/sweeps/s"])
+    cfg = compose_config(["cluster=slurm", "hydra.sweep.dir=/sweeps/s"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert str(cfg.hydra.mode).endswith("MULTIRUN")  # cluster=slurm always submits
@@ -48,14 +29,15 @@ def test_slurm_launcher_config() -> None:
 
 
 def test_slurm_ddp_runs_one_task_per_gpu() -> None:
-    cfg = _compose_with_hydra(
+    cfg = compose_config(
         [
-            f"{CLUSTER}=slurm",
+            "cluster=slurm",
             "trainer=ddp",
             "trainer.num_nodes=2",
             "hydra.launcher.gpus_per_node=4",
             "hydra.launcher.partition=gpu",
-        ]
+        ],
+        return_hydra_config=True,
     )
     launcher = cfg.hydra.launcher
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
@@ -65,7 +47,7 @@ def test_slurm_ddp_runs_one_task_per_gpu() -> None:
 
 
 def test_local_launcher_config() -> None:
-    cfg = _compose_with_hydra([f"{CLUSTER}=local"])
+    cfg = compose_config(["cluster=local"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("LocalLauncher")
     assert cfg.hydra.launcher.tasks_per_node == 1
 
@@ -77,7 +59,7 @@ def test_local_submitit_sweep(synthetic_root: Path, tmp_path: Path) -> None:
         [
             "tlunet.train",
             "-m",
-            f"{CLUSTER}=local",
+            "cluster=local",
             "encoder=resnet18,mobilenet_v2",
             *[o for o in TINY_RUN if not o.startswith("encoder=")],  # keeps encoder.weights=null
             f"data.root={synthetic_root}",

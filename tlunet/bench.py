@@ -733,7 +733,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="training precisions (default: 32-true on cpu, 32-true,mixed on cuda)",
     )
     parser.add_argument(
-        "--channels-last", default="true", help="false, true or both (training measurements)"
+        "--channels-last",
+        choices=("false", "true", "both"),
+        default="true",
+        help="channels-last memory format in the training measurements",
     )
     parser.add_argument("--compile", action="store_true", help="also time model.compile=true")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps")
@@ -760,8 +763,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
-    if args.channels_last not in ("false", "true", "both"):
-        parser.error("--channels-last must be false, true or both")
     if args.device == "cuda":
         import torch
 

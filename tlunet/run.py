@@ -78,8 +78,9 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[A
     )
 
 
-def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
-    """The stored config of the run ``cfg.resume`` names and its ``last.ckpt``.
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
+    """The stored config of the run ``cfg.resume`` names, its ``last.ckpt``, and the
+    checkpoint's ``(epoch, global_step)``.
 
     Raises :class:`ConfigError` when the folder is not a tlunet run, the run is complete, it
     has no checkpoint yet, the checkpoint cannot be loaded safely, or other overrides were given.
@@ -120,7 +121,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
             )
     from tlunet.evaluate import load_checkpoint  # weights_only: refuses foreign pickles
 
-    load_checkpoint(ckpt)
+    checkpoint = load_checkpoint(ckpt)
     run_cfg = OmegaConf.load(stored)
     first_dir = Path(str(run_cfg.paths.output_dir)).resolve()
     if first_dir != run_dir:
@@ -129,8 +130,10 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
             f"The run in '{run_dir}' was started in '{first_dir}': resume it there "
             "(move the folder back, or link it to that path)."
         )
+    if "epoch" not in checkpoint or "global_step" not in checkpoint:
+        raise ConfigError(f"'{ckpt}' holds no training state (epoch, step): it cannot be resumed.")
     run_cfg.resume = str(run_dir)
-    return run_cfg, ckpt
+    return run_cfg, ckpt, (checkpoint["epoch"], checkpoint["global_step"])
 
 
 def _has_pretrained_encoder(cfg: DictConfig, net: Any) -> bool:
@@ -196,7 +199,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     ckpt_path = None
     if cfg.get("resume"):
-        cfg, ckpt_path = resume_config(cfg)
+        cfg, ckpt_path, (epoch, global_step) = resume_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_zero = rank_zero_only.rank == 0  # under DDP, one process writes the run's files
@@ -207,10 +210,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:
         log.info("Resuming the run in %s from %s", run_dir, ckpt_path)
         if is_zero:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            truncate_metrics_csv(
-                run_dir / "csv" / "metrics.csv", state["epoch"], state["global_step"]
-            )
+            truncate_metrics_csv(run_dir / "csv" / "metrics.csv", epoch, global_step)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
@@ -264,7 +264,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if missing:
             log.warning("Test metrics missing from the run: %s", missing)
 
-    if not trainer.is_global_zero:  # one process writes the run's files
+    if not is_zero:
         return {"metrics": metrics, "best_score": best_score, "run_dir": str(run_dir)}
     metrics_csv = run_dir / "csv" / "metrics.csv"
     if metrics_csv.exists():

@@ -34,6 +34,13 @@ SPLITS = ("patient", "paper")
 NORMALIZATIONS = ("imagenet", "dataset")
 
 
+def patient_positions(records: Sequence[SliceRecord]) -> tuple[list[str], np.ndarray]:
+    """The sorted patient names of ``records`` and each record's position in that list."""
+    patients = sorted({r.patient for r in records})
+    position = {name: i for i, name in enumerate(patients)}
+    return patients, np.array([position[r.patient] for r in records])
+
+
 class LGGDataModule(pl.LightningDataModule):
     """kaggle_3m slices for training, validation and test.
 
@@ -163,10 +170,8 @@ class LGGDataModule(pl.LightningDataModule):
                 root,
                 self.skipped[0]["reason"],
             )
-        self.patients = sorted({r.patient for r in self.records})
+        self.patients, patient_ids = patient_positions(self.records)
         self.stage_rows = self.split_rows(self.records)
-        position = {name: i for i, name in enumerate(self.patients)}
-        patient_ids = np.array([position[r.patient] for r in self.records])
         slice_numbers = np.array([r.slice for r in self.records])
         if self.normalization == "dataset":
             self.mean, self.std = channel_stats(self.decoded.images, self.stage_rows["train"])
@@ -198,9 +203,7 @@ class LGGDataModule(pl.LightningDataModule):
 
         Raises :class:`DataError` when the train or validation stage would be empty.
         """
-        patients = sorted({r.patient for r in records})
-        position = {name: i for i, name in enumerate(patients)}
-        patient_ids = np.array([position[r.patient] for r in records])
+        patients, patient_ids = patient_positions(records)
         if self.split == "paper":
             rows = split_by_slice(len(records), self.paper_split_sizes, self.split_seed)
         else:
@@ -210,6 +213,7 @@ class LGGDataModule(pl.LightningDataModule):
                 )
             else:
                 parts = split_by_patient(patients, self.split_fractions, self.split_seed)
+            position = {name: i for i, name in enumerate(patients)}
             rows = {
                 stage: np.flatnonzero(np.isin(patient_ids, [position[p] for p in names]))
                 for stage, names in parts.items()
