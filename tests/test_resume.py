@@ -191,3 +191,45 @@ def test_sampler_order_and_augmentations_are_functions_of_seed_and_epoch(
     a, b, c = train[(0, 11)], train[(0, 11)], train[(0, 12)]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
     assert not torch.equal(a["image"], c["image"])
+
+
+_KILLED_WHILE_SAVING = """
+import csv, os, signal, sys
+from tlunet.callbacks import CSVLogger
+
+logger = CSVLogger(sys.argv[1], name="csv", version="")
+logger.log_metrics({"val/loss": 0.5, "epoch": 0}, step=3)
+logger.log_metrics({"val/loss": 0.4, "epoch": 1}, step=7)  # appended to the existing header
+logger.save()
+logger.log_metrics({"val/loss": 0.3, "epoch": 2}, step=11)
+logger.save()
+real = csv.DictWriter.writerows
+
+def killed(self, rows):  # the process dies while writing the next rows
+    real(self, list(rows)[:1])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+csv.DictWriter.writerows = killed
+logger.log_metrics({sys.argv[2]: 0.7, "epoch": 2}, step=11)
+logger.save()
+"""
+
+
+@pytest.mark.parametrize("key", ["train/loss", "val/loss"], ids=["new-column", "append"])
+def test_metrics_csv_keeps_its_rows_when_killed_while_saving(key: str, tmp_path: Path) -> None:
+    # Lightning's own writer truncates metrics.csv and writes it again when a column appears:
+    # a kill in between (as in the kill-and-resume test, right after a checkpoint) emptied it.
+    out = subprocess.run(
+        [sys.executable, "-c", _KILLED_WHILE_SAVING, str(tmp_path), key],
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["step"], r["val/loss"]) for r in rows] == [
+        ("0", "3", "0.5"),
+        ("1", "7", "0.4"),
+        ("2", "11", "0.3"),
+    ]

@@ -109,12 +109,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer, but an existing ``metrics.csv`` is continued, not deleted."""
+    """Lightning's CSV writer, but an existing ``metrics.csv`` is continued, not deleted, and a
+    process killed while saving never loses the rows already saved: Lightning's writer
+    truncates the file and writes it again whenever a new column appears (at the first
+    validation, the first train epoch...), so a kill in between left it empty. Here a new
+    header rewrites the file through a temporary file and a rename, and new rows are appended
+    in one ``write``."""
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = sorted(next(csv.reader(f), []))
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        path = Path(self.metrics_file_path)
+        if self._record_new_keys() or not path.is_file():
+            rows: list[dict[str, Any]] = []
+            if path.is_file():
+                with open(path, newline="") as f:
+                    rows = list(csv.DictReader(f))
+            write_text_atomic(path, _csv_rows(self.metrics_keys, rows + self.metrics, header=True))
+        else:
+            data = _csv_rows(self.metrics_keys, self.metrics, header=False).encode()
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                while data:
+                    data = data[os.write(fd, data) :]
+            finally:
+                os.close(fd)
+        self.metrics = []
+
+
+def _csv_rows(fieldnames: list[str], rows: list[dict[str, Any]], header: bool) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fieldnames, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 class CSVLogger(pl.loggers.CSVLogger):
@@ -143,10 +177,6 @@ def truncate_metrics_csv(path: Path, last_epoch: int, global_step: int) -> None:
 
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        header = reader.fieldnames or []
+        fieldnames = list(reader.fieldnames or [])
         rows = [r for r in reader if kept(r)]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, out.getvalue())
+    write_text_atomic(path, _csv_rows(fieldnames, rows, header=True))
