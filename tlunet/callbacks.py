@@ -125,9 +125,10 @@ class _AppendingWriter(ExperimentWriter):
         if not self.metrics:
             return
         path = Path(self.metrics_file_path)
-        if self._record_new_keys() or not path.is_file():
+        exists = path.is_file()
+        if self._record_new_keys() or not exists:
             rows: list[dict[str, Any]] = []
-            if path.is_file():
+            if exists:
                 with open(path, newline="") as f:
                     rows = list(csv.DictReader(f))
             write_text_atomic(path, _csv_rows(self.metrics_keys, rows + self.metrics, header=True))
