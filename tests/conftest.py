@@ -22,12 +22,23 @@ CONF_DIR = REPO / "conf"
 REAL_DATA_ENV = "TLUNET_DATA_ROOT"
 
 TINY = {"num_patients": 6, "slices_per_patient": (6, 9), "image_size": 64, "seed": 1}
+#: Phantoms twice the network's side in TINY_RUN: runs on them score at a resolution (128 px)
+#: other than the one the network sees (64 px), like kaggle_3m (256 px) at data.image_size=128.
+TINY_128 = {**TINY, "image_size": 128}
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny read-only synthetic kaggle_3m set (6 patients, 64x64); copy it before editing."""
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "kaggle_3m", **TINY)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root_128(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like ``synthetic_root`` with 128x128 slices (read-only; copy it before editing)."""
+    return write_synthetic_dataset(
+        tmp_path_factory.mktemp("synthetic128") / "kaggle_3m", **TINY_128
+    )
 
 
 @pytest.fixture()
@@ -87,17 +98,23 @@ TINY_RUN = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished tiny training run on the synthetic set (its directory)."""
-    work = tmp_path_factory.mktemp("tiny_run")
+def train_tiny(root: Path, work: Path, *overrides: str) -> Path:
+    """Train a TINY_RUN on ``root`` in ``work``; return its run directory."""
+    work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "run"
     out = run_cli(
-        ["tlunet.train", *TINY_RUN, f"data.root={synthetic_root}", f"hydra.run.dir={run_dir}"],
+        ["tlunet.train", *TINY_RUN, f"data.root={root}", f"hydra.run.dir={run_dir}", *overrides],
         cwd=work,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_root_128: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny training run (its directory): network at 64 px on 128-px phantoms, so
+    its scores go through the resize to native resolution."""
+    return train_tiny(synthetic_root_128, tmp_path_factory.mktemp("tiny_run"))
 
 
 def check_run_dir(run_dir: Path) -> dict[str, float]:

@@ -144,10 +144,52 @@ def test_datamodule_batches(synthetic_root: Path, cache_dir: Path) -> None:
     assert batch["mask"].shape == (4, 1, 32, 32)
     assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}
     assert batch["patient"].dtype == torch.int64
+    assert "mask_native" not in batch  # augmented training slices: no native mask
     val = next(iter(dm.val_dataloader()))
     names = {dm.patients[int(p)] for p in val["patient"]}
     assert names <= stages["val"]
     assert dm.preprocessing["image_size"] == 32
+    # Evaluation batches carry the masks as stored (64 px), untransformed, for scoring.
+    assert val["mask_native"].shape == (len(val["patient"]), 1, 64, 64)
+    assert val["mask_native"].dtype == torch.uint8
+    rows = val["row"].numpy()
+    assert np.array_equal(val["mask_native"][:, 0].numpy(), dm.decoded.masks[rows])
+    assert dm.native_size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "mean", "source"),
+    [
+        ("tu-tf_efficientnet_lite0", 0.5, "timm pretrained_cfg"),
+        ("tu-inception_v3", 0.5, "timm pretrained_cfg"),
+        ("inceptionv4", 0.5, "smp 'inceptionv4'"),
+        ("inceptionresnetv2", 0.5, "smp"),
+        ("densenet121", 0.485, "ImageNet statistics"),
+        ("tu-resnet18.a1_in1k", 0.485, "timm pretrained_cfg"),
+        ("none", 0.485, "no pretrained encoder"),
+        (None, 0.485, "no pretrained encoder"),
+    ],
+)
+def test_encoder_normalisation(encoder: str | None, mean: float, source: str) -> None:
+    """normalization=encoder gives what each encoder's pretrained weights were trained with
+    (TF ports: mean = std = 0.5), and stores it with the rest of the preprocessing."""
+    dm = LGGDataModule("/tmp", normalization="encoder", encoder_name=encoder)
+    assert dm.mean[0] == pytest.approx(mean)
+    assert dm.std[0] == pytest.approx(0.5 if mean == 0.5 else 0.229)
+    assert dm.preprocessing["normalization"] == "encoder"
+    assert source in dm.preprocessing["normalization_source"]
+
+
+def test_encoder_normalisation_is_the_default_and_follows_the_encoder_group() -> None:
+    cfg = compose_config(["encoder=inception_v4"])
+    assert cfg.data.normalization == "encoder" and cfg.data.encoder_name == "inceptionv4"
+    dm = instantiate(cfg.data)
+    assert dm.mean == [0.5, 0.5, 0.5] and dm.std == [0.5, 0.5, 0.5]
+    assert compose_config(["model=unet_scratch"]).data.encoder_name == "none"
+    # A stored preprocessing (a checkpoint's) wins over any normalisation setting.
+    stored = {"image_size": 96, "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    dm = LGGDataModule("/tmp", normalization="dataset", preprocessing=stored)
+    assert (dm.image_size, dm.mean, dm.std) == (96, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
 
 
 def test_datamodule_paper_split_and_dataset_normalisation(synthetic_root: Path) -> None:

@@ -1,4 +1,5 @@
-"""tlunet.evaluate reproduces a run's test metrics; volume metrics against hand values."""
+"""tlunet.evaluate reproduces a run's test metrics; volume metrics against hand values and
+MONAI; options (TTA, post-processing, tuned threshold) each reported on what they use."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
+from tlunet.evaluate import Scored, Volume, flip_tta, patient_tables
+from tlunet.module import SegmentationModule
 from tlunet.volume_metrics import dice_iou, hd95, volume_similarity
 
-from .conftest import run_cli
+from .conftest import run_cli, train_tiny
 
 
 def test_hd95_known_answers() -> None:
@@ -26,8 +31,118 @@ def test_hd95_known_answers() -> None:
     assert hd95(a, b, spacing=(3.0, 1.0, 1.0)) == pytest.approx(3.0)
     assert hd95(a, a) == 0.0
     empty = np.zeros_like(a)
-    assert hd95(empty, empty) == 0.0
-    assert math.isinf(hd95(a, empty))
+    assert math.isnan(hd95(empty, empty))  # no surface on either side: undefined
+    assert math.isinf(hd95(a, empty)) and math.isinf(hd95(empty, a))
+
+
+def _blob_pair() -> tuple[np.ndarray, np.ndarray]:
+    """A perfect prediction plus a small far false-positive blob."""
+    truth = np.zeros((1, 30, 30), bool)
+    truth[0, 5:15, 5:15] = True
+    pred = truth.copy()
+    pred[0, 25:28, 25:28] = True
+    return pred, truth
+
+
+def test_hd95_matches_monai() -> None:
+    """Ours is MONAI's compute_hausdorff_distance(percentile=95): the larger directed 95th
+    percentile. medpy pools both directions, which can hide a far false positive."""
+    monai = pytest.importorskip("monai.metrics", reason="monai is in the dev extra")
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    compared = 0
+    for i in range(20):
+        shape = (int(rng.integers(3, 10)), 40, 48)
+        a = ndimage.binary_dilation(rng.random(shape) > 0.995, iterations=int(rng.integers(1, 4)))
+        b = ndimage.binary_dilation(rng.random(shape) > 0.995, iterations=int(rng.integers(1, 4)))
+        if i % 3 == 0:
+            b = a.copy()
+            b[:, :3] = True  # touches the array's border
+        if not (a.any() and b.any()):
+            continue
+        ref = monai.compute_hausdorff_distance(
+            torch.from_numpy(a)[None, None],
+            torch.from_numpy(b)[None, None],
+            include_background=True,
+            percentile=95,
+        )
+        assert hd95(a, b) == pytest.approx(float(ref[0, 0]), rel=1e-5)
+        compared += 1
+    assert compared >= 15
+    pred, truth = _blob_pair()
+    ref = monai.compute_hausdorff_distance(
+        torch.from_numpy(pred)[None, None],
+        torch.from_numpy(truth)[None, None],
+        include_background=True,
+        percentile=95,
+    )
+    assert hd95(pred, truth) == pytest.approx(float(ref[0, 0]), rel=1e-5)
+    assert hd95(pred, truth) == pytest.approx(16.69, abs=0.01)  # README's example
+
+
+def test_hd95_summary_counts_missed_patients() -> None:
+    """A patient whose tumour is missed entirely has HD95 inf: counted, never dropped silently;
+    a tumour-free patient predicted empty has none (nan) and is in neither count."""
+
+    def scored(pred: np.ndarray, truth: np.ndarray) -> Scored:
+        n = len(truth)
+        volume = Volume(list(range(n)), np.arange(n), pred.astype(np.float32), truth, None)
+        return Scored(volume, pred.astype(np.float32), pred.astype(bool))
+
+    hit = np.zeros((2, 8, 8), np.uint8)
+    hit[0, 2:5, 2:5] = 1
+    shifted = np.roll(hit, 2, axis=2).astype(bool)
+    volumes = {
+        0: scored(shifted, hit),  # found, 2 px off
+        1: scored(np.zeros_like(hit, bool), hit),  # missed: inf
+        2: scored(np.zeros_like(hit, bool), np.zeros_like(hit)),  # tumour-free, empty: nan
+    }
+    patients, _, summary = patient_tables(volumes, ["a", "b", "c"], per_patient=True)
+    assert summary["hd95_inf_patients"] == 1.0 and summary["hd95_patients"] == 1.0
+    assert summary["hd95_per_patient"] == pytest.approx(hd95(shifted, hit))
+    assert math.isinf(patients[1][6]) and math.isnan(patients[2][6])
+    low, high = summary["dice_per_patient_ci95_low"], summary["dice_per_patient_ci95_high"]
+    mean = np.mean([r[4] for r in patients])
+    assert low <= mean <= high and low < high
+    _, _, none = patient_tables(volumes, ["a", "b", "c"], per_patient=False)
+    assert set(none.values()) == {None}
+
+
+class _WidthSymmetricNet(nn.Module):
+    """A 3x3 convolution whose kernels are mirror-symmetric left-right but not top-bottom:
+    equivariant to horizontal flips (width), not to vertical ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+        with torch.no_grad():
+            w = self.conv.weight
+            w[..., 2] = w[..., 0]  # column 2 mirrors column 0
+            w[:, :, 0, :] += 1.0  # rows differ: not symmetric top-bottom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_flip_tta_undoes_the_flip_on_the_width_axis() -> None:
+    """A flip-equivariant network gives the same probabilities with and without flip TTA; the
+    flip must be undone on the axis it was applied to (width), not on the height."""
+    module = SegmentationModule(_WidthSymmetricNet(), nn.BCEWithLogitsLoss(), torch.optim.Adam)
+    module.eval()
+    images = torch.randn(2, 3, 16, 20, generator=torch.Generator().manual_seed(1))
+    probs, _ = module.predict_probs(images)
+    mean, _ = flip_tta(module, images, probs, None)
+    assert torch.allclose(mean, probs, atol=1e-6)
+    # The same average undone on the wrong axis would differ (what a wrong axis would give):
+    flipped, _ = module.predict_probs(torch.flip(images, dims=[-1]))
+    wrong = (probs + torch.flip(flipped, dims=[-2])) / 2
+    assert (wrong - probs).abs().max() > 1e-2
+    # Flipping the input vertically is not undone by the width flip: the net is not
+    # equivariant to it, so the test above is not vacuous.
+    up_down, _ = module.predict_probs(torch.flip(images, dims=[-2]))
+    assert (torch.flip(up_down, dims=[-2]) - probs).abs().max() > 1e-2
 
 
 def test_volume_similarity_and_dice_by_hand() -> None:
@@ -91,6 +206,70 @@ def test_evaluate_options_reported_separately(tiny_run: Path, tmp_path: Path) ->
     assert float(rows[0]["dice"]) == pytest.approx(original["test/dice"], abs=1e-6)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["test/dice"] == pytest.approx(float(rows[-1]["dice"]), abs=1e-9)
+    # Each tuned threshold is tuned on the probabilities (and post-processing) of its row.
+    tuned = json.loads((eval_dir / "evaluation.json").read_text())["options"]
+    tuned = tuned["tuned_on_validation"]
+    assert set(tuned) == {"plain", "tta+largest_component"}
+    by_name = {r["option"]: float(r["threshold"]) for r in rows}
+    assert by_name["threshold=auto"] == tuned["plain"]["threshold"]
+    assert by_name["all selected"] == tuned["tta+largest_component"]["threshold"]
+    expected = _tune_on_validation(tiny_run / "checkpoints" / "best.ckpt", tta=True)
+    assert tuned["tta+largest_component"]["threshold"] == expected[0]
+    assert tuned["tta+largest_component"]["validation_dice"] == pytest.approx(expected[1])
+
+
+def _tune_on_validation(ckpt: Path, tta: bool) -> tuple[float, float]:
+    """The validation threshold recomputed here, slice by slice: the checkpoint's model on its
+    validation patients, flip-averaged, resized to native size, largest component kept."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tlunet.evaluate import load_checkpoint, module_from_checkpoint
+    from tlunet.postprocess import best_threshold, parse_postprocess
+    from tlunet.scoring import to_native
+
+    checkpoint = load_checkpoint(ckpt)
+    cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
+    cfg.data.cache_dir = None
+    datamodule = instantiate(cfg.data, preprocessing=checkpoint["tlunet"]["preprocessing"])
+    datamodule.setup("test")
+    module = module_from_checkpoint(checkpoint)
+    dataset = datamodule.datasets["val"]
+    by_patient: dict[int, list] = {}
+    for i in range(len(dataset)):
+        item = dataset[i]
+        probs, _ = module.predict_probs(item["image"][None])
+        if tta:
+            flipped, _ = module.predict_probs(torch.flip(item["image"][None], dims=[-1]))
+            probs = (probs + torch.flip(flipped, dims=[-1])) / 2
+        native = to_native(probs, item["mask_native"].shape[-2:])[0, 0].numpy()
+        by_patient.setdefault(int(item["patient"]), []).append(
+            (int(item["slice"]), native, item["mask_native"][0].numpy())
+        )
+    volumes = []
+    for items in by_patient.values():
+        items.sort(key=lambda t: t[0])
+        volumes.append((np.stack([t[1] for t in items]), np.stack([t[2] for t in items])))
+    return best_threshold(volumes, parse_postprocess("largest_component"))
+
+
+@pytest.mark.parametrize("stage", ["val", "all"])
+def test_auto_threshold_is_refused_where_it_would_be_tuned_on_the_scored_slices(
+    tiny_run: Path, tmp_path: Path, stage: str
+) -> None:
+    out = run_cli(
+        [
+            "tlunet.evaluate",
+            f"ckpt_path={tiny_run / 'checkpoints' / 'best.ckpt'}",
+            f"stage={stage}",
+            "eval.threshold=auto",
+            "eval.allow_seen_patients=true",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1 and f"stage={stage} contains" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_evaluate_user_errors(tmp_path: Path) -> None:
@@ -103,3 +282,89 @@ def test_evaluate_user_errors(tmp_path: Path) -> None:
     out = run_cli(["tlunet.evaluate", f"ckpt_path={bad}"], cwd=tmp_path)
     assert out.returncode == 1 and "Cannot load checkpoint" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_detect_has_one_definition_per_run(synthetic_root_128: Path, tmp_path: Path) -> None:
+    """With an aux head, detect_* come from the head in the run, in evaluate's baseline and in
+    every option row (post-processing changes masks, not the head's answer)."""
+    run_dir = train_tiny(synthetic_root_128, tmp_path / "train", "model.aux_head=true")
+    assert json.loads((run_dir / "run.json").read_text())["scoring"]["detect_source"] == "aux_head"
+    eval_dir = tmp_path / "eval"
+    out = run_cli(
+        [
+            "tlunet.evaluate",
+            f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}",
+            "eval.postprocess=min_size:100000",  # removes every predicted component
+            f"hydra.run.dir={eval_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["option"]: r for r in csv.DictReader(open(eval_dir / "options.csv"))}
+    original = json.loads((run_dir / "metrics.json").read_text())
+    baseline = float(rows["baseline"]["detect_accuracy"])
+    assert baseline == pytest.approx(original["test/detect_accuracy"], abs=1e-9)
+    assert float(rows["postprocess=min_size:100000"]["detect_accuracy"]) == baseline
+    info = json.loads((eval_dir / "evaluation.json").read_text())
+    assert info["scoring"]["detect_source"] == "aux_head"
+
+
+def test_paper_split_reports_per_patient_metrics_as_not_applicable(
+    synthetic_root_128: Path, tmp_path: Path
+) -> None:
+    from .conftest import compose_config
+
+    assert compose_config(["data.split=paper"]).monitor.metric == "val/dice"
+    assert compose_config([]).monitor.metric == "val/dice_per_patient"
+    out = run_cli(
+        [
+            "tlunet.train",
+            "data.split=paper",
+            "monitor.metric=val/dice_per_patient",
+            f"data.root={synthetic_root_128}",
+            f"hydra.run.dir={tmp_path / 'refused'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1 and "not computed under data.split=paper" in out.stderr
+    run_dir = train_tiny(synthetic_root_128, tmp_path / "train", "data.split=paper")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test/dice_per_patient"] is None and metrics["test/iou_per_patient"] is None
+    assert isinstance(metrics["test/dice"], float)
+    assert isinstance(metrics["test/dice_keras_batch"], float)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["monitor"] == "val/dice" and info["scoring"]["per_patient_metrics"] is False
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    eval_dir = tmp_path / "eval"
+    out = run_cli(
+        [
+            "tlunet.evaluate",
+            f"ckpt_path={ckpt}",
+            "eval.allow_seen_patients=true",  # a slice-level split shares every patient
+            f"hydra.run.dir={eval_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    evaluated = json.loads((eval_dir / "metrics.json").read_text())
+    assert evaluated["test/dice"] == pytest.approx(metrics["test/dice"], abs=1e-6)
+    for key in ("test/dice_per_patient", "test/hd95_per_patient", "test/hd95_inf_patients"):
+        assert evaluated[key] is None, key
+    assert evaluated["seen_patients"] > 0
+    assert not (eval_dir / "per_patient.csv").exists()
+    out = run_cli(
+        [
+            "tlunet.evaluate",
+            f"ckpt_path={ckpt}",
+            "eval.allow_seen_patients=true",
+            "eval.postprocess=largest_component",
+            f"hydra.run.dir={tmp_path / 'eval_pp'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1 and "data.split=paper" in out.stderr
+    out = run_cli(
+        ["tlunet.evaluate", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval_seen'}"],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1 and "shares patients between all stages" in out.stderr

@@ -333,3 +333,67 @@ def test_two_processes_equal_one_process(tmp_path: Path):
         assert results["True"]["num_slices"] == 7.0
         # without ids the padding slice (slice 0, on process 1) counts twice
         assert results["False"]["num_slices"] == 8.0
+
+
+def test_iou_per_image():
+    # Slice IoU: A 2/(2+1+1), B 1 (empty/empty), C 0, D 1/(1+1+1)
+    assert _computed()["iou_per_image"] == pytest.approx((1 / 2 + 1 + 0 + 1 / 3) / 4)
+
+
+def test_keras_batch_metrics_by_hand():
+    """Soft sums per slice: A inter .9+.6+.2=1.7, sum(p) 2.4, sum(t) 3; B 0, .4, 0;
+    C 0, 1.1, 0; D .95+.3=1.25, 1.85, 2."""
+    # One batch of all four slices (order cannot matter), smoothing 1.
+    res = _computed(keras_batch=4, keras_smooth=1.0)
+    assert res["dice_keras_batch"] == pytest.approx((2 * 2.95 + 1) / (5.75 + 5 + 1))
+    assert res["iou_keras_batch"] == pytest.approx((2.95 + 1) / (5.75 + 5 - 2.95 + 1))
+    # Batches of one slice: the mean of smoothed per-slice scores.
+    res = _computed(keras_batch=1, keras_smooth=1.0)
+    dice = [(3.4 + 1) / (2.4 + 3 + 1), 1 / 1.4, 1 / 2.1, (2.5 + 1) / (1.85 + 2 + 1)]
+    iou = [(1.7 + 1) / (2.4 + 3 - 1.7 + 1), 1 / 1.4, 1 / 2.1, (1.25 + 1) / (1.85 + 2 - 1.25 + 1)]
+    assert res["dice_keras_batch"] == pytest.approx(sum(dice) / 4)
+    assert res["iou_keras_batch"] == pytest.approx(sum(iou) / 4)
+    # The default smoothing of 100 lifts a batch without tumour to almost 1.
+    res = _computed(PROBS[1:3], TRUTH[1:3], PATIENT[1:3])
+    assert res["dice_keras_batch"] == pytest.approx(100 / (1.5 + 100))
+
+
+def test_keras_batches_follow_the_slice_ids_not_the_update_order():
+    """Batches of 2 are drawn from a seeded shuffle of the slices ordered by id: the same
+    whatever order (or process) the slices arrived in."""
+    rows = torch.tensor([10, 11, 12, 13])
+    m1 = SegmentationMetrics(keras_batch=2, keras_smooth=1.0)
+    m1.update(PROBS, TRUTH, PATIENT, rows=rows)
+    order = torch.tensor([3, 1, 0, 2])
+    m2 = SegmentationMetrics(keras_batch=2, keras_smooth=1.0)
+    m2.update(PROBS[order[:2]], TRUTH[order[:2]], PATIENT[order[:2]], rows=rows[order[:2]])
+    m2.update(PROBS[order[2:]], TRUTH[order[2:]], PATIENT[order[2:]], rows=rows[order[2:]])
+    a, b = m1.compute(), m2.compute()
+    assert a["dice_keras_batch"] == b["dice_keras_batch"]
+    inter = [1.7, 0.0, 0.0, 1.25]
+    pred = [2.4, 0.4, 1.1, 1.85]
+    truth = [3, 0, 0, 2]
+    shuffle = torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()
+    batches = [shuffle[:2], shuffle[2:]]
+    expected = [
+        (2 * sum(inter[i] for i in b) + 1) / (sum(pred[i] + truth[i] for i in b) + 1)
+        for b in batches
+    ]
+    assert a["dice_keras_batch"] == pytest.approx(sum(expected) / 2)
+
+
+def test_per_patient_keys_not_applicable():
+    from tlunet.metrics import PER_PATIENT_KEYS
+
+    res = _computed(per_patient=False)
+    assert all(res[k] is None for k in PER_PATIENT_KEYS)
+    assert res["dice"] == pytest.approx(6 / 11)
+
+
+def test_pred_overrides_the_threshold_but_not_the_soft_metrics():
+    pred = torch.zeros_like(PROBS, dtype=torch.bool)
+    m = SegmentationMetrics(keras_batch=4, keras_smooth=1.0)
+    m.update(PROBS, TRUTH, PATIENT, pred=pred)
+    res = m.compute()
+    assert res["dice"] == 0.0 and res["detect_accuracy"] == 0.5  # nothing predicted
+    assert res["dice_keras_batch"] == pytest.approx((2 * 2.95 + 1) / (5.75 + 5 + 1))

@@ -23,21 +23,45 @@ def test_largest_component_is_3d() -> None:
 
 
 def test_min_size_removes_small_components() -> None:
-    out = postprocess_volume(_volume(), parse_postprocess("min_size=4"))
+    out = postprocess_volume(_volume(), parse_postprocess("min_size:4"))
     assert out.sum() == 12 and not out[2, 6, 6]
     assert postprocess_volume(_volume(), None).sum() == 13
     assert not postprocess_volume(np.zeros((2, 4, 4)), parse_postprocess("largest_component")).any()
 
 
-@pytest.mark.parametrize("spec", ["biggest", "min_size=0", "min_size=x"])
+@pytest.mark.parametrize("spec", ["biggest", "min_size:0", "min_size=x", "min_size"])
 def test_bad_postprocess(spec: str) -> None:
     with pytest.raises(ConfigError, match="eval.postprocess"):
         parse_postprocess(spec)
 
 
 def test_best_threshold_maximises_dice() -> None:
-    truth = np.array([1, 1, 0, 0, 0], bool)
-    probs = np.array([0.9, 0.35, 0.3, 0.1, 0.05])
+    truth = np.array([1, 1, 0, 0, 0], bool).reshape(1, 1, 5)
+    probs = np.array([0.9, 0.35, 0.3, 0.1, 0.05]).reshape(1, 1, 5)
     # t <= 0.30 adds a false positive; 0.30 < t <= 0.35 is perfect; above 0.35 misses one.
-    threshold, dice = best_threshold(probs, truth)
+    threshold, dice = best_threshold([(probs, truth)])
     assert threshold == pytest.approx(0.35) and dice == pytest.approx(1.0)
+
+
+def test_best_threshold_counts_the_post_processing() -> None:
+    """Tuned with the post-processing its row applies: a low threshold that adds a separate
+    false-positive component is free once largest_component removes it."""
+    truth = np.zeros((1, 1, 9), bool)
+    truth[0, 0, :3] = True
+    probs = np.array([0.9, 0.9, 0.2, 0.0, 0.0, 0.0, 0.3, 0.3, 0.0]).reshape(1, 1, 9)
+    # Plain: t <= 0.2 finds all 3 but adds 2 FP (Dice 6/8); t > 0.3 misses one (Dice 4/5).
+    plain, dice_plain = best_threshold([(probs, truth)])
+    assert plain == pytest.approx(0.35) and dice_plain == pytest.approx(4 / 5)
+    # With largest_component the 2-voxel stray component is dropped: 0.05 is perfect.
+    spec = parse_postprocess("largest_component")
+    tuned, dice_pp = best_threshold([(probs, truth)], spec)
+    assert tuned == pytest.approx(0.05) and dice_pp == pytest.approx(1.0)
+    # Summed over volumes, not averaged: a second, empty volume adds nothing.
+    assert best_threshold([(probs, truth), (np.zeros((1, 1, 9)), np.zeros((1, 1, 9)))]) == (
+        plain,
+        dice_plain,
+    )
+
+
+def test_min_size_spellings() -> None:
+    assert parse_postprocess("min_size:7") == parse_postprocess("min_size=7") == ("min_size", 7)

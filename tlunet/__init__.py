@@ -11,3 +11,12 @@ OmegaConf.register_new_resolver(
     lambda resume, normal, resumed: resumed if resume else normal,
     replace=True,
 )
+
+#: The validation metric a run monitors by default: per-patient Dice, except under the
+#: slice-level ``data.split=paper``, whose stages hold scattered slices of every patient
+#: (per-patient metrics are not applicable there): tumour Dice over all pixels.
+OmegaConf.register_new_resolver(
+    "tlunet.default_monitor",
+    lambda split: "val/dice" if split == "paper" else "val/dice_per_patient",
+    replace=True,
+)

@@ -4,17 +4,24 @@
         [data.root=DIR] [data.split=patient|paper] [data.fold=i] [stage=test|val|train|all]
 
 Writes into the evaluation directory: ``metrics.json`` (the run's metric names with the stage
-prefix, plus ``hd95_per_patient``, ``volume_similarity_per_patient`` and per-patient detection),
-``per_patient.csv`` (patient, slices, tumour pixels true/predicted, Dice, IoU, HD95 in pixels,
-volume similarity) and ``per_slice.csv``. Model, preprocessing and split come from the
-checkpoint; ``data.*`` values given on the command line replace the checkpoint's.
+prefix, plus HD95, volume similarity, per-patient detection and bootstrap 95 % intervals of
+``dice_per_patient`` and ``dice``), ``evaluation.json`` (what was evaluated and how: checkpoint,
+stage, options, preprocessing, scoring resolution, seen patients), ``per_patient.csv``
+(patient, slices, tumour pixels true/predicted, Dice, IoU, HD95 in pixels, volume similarity,
+detected), ``per_slice.csv`` and ``options.csv``.
+
+Every score is computed at the native resolution of the masks on disk, on the masks
+``tlunet.predict`` would write (:mod:`tlunet.scoring`). Model, image size and normalisation
+come from the checkpoint; split settings too, unless ``data.*`` values on the command line
+replace them. Patients the model was trained or validated on are refused unless
+``eval.allow_seen_patients=true``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +36,10 @@ from tlunet.cli import user_errors_exit
 from tlunet.errors import ConfigError
 from tlunet.metrics import SegmentationMetrics
 from tlunet.postprocess import best_threshold, parse_postprocess, postprocess_volume
-from tlunet.run import build_module
-from tlunet.utils import csv_text, write_json_atomic, write_text_atomic
+from tlunet.run import build_module, scoring_info
+from tlunet.scoring import threshold_masks, to_native
+from tlunet.stats import global_dice_ci, mean_ci
+from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
 from tlunet.volume_metrics import dice_iou, hd95, volume_similarity
 
 log = logging.getLogger(__name__)
@@ -38,48 +47,84 @@ log = logging.getLogger(__name__)
 EVAL_STAGES = ("test", "val", "train", "all")
 
 
+@dataclass
+class Volume:
+    """One patient's evaluated slices in slice order: ``probs`` (S, h, w) float32 at the
+    network's resolution, ``truth`` (S, H, W) uint8 at the masks' native resolution, ``rows``
+    (S,) slice ids, ``detect`` (S,) the aux head's tumour probability or ``None``."""
+
+    numbers: list[int]
+    rows: np.ndarray
+    probs: np.ndarray
+    truth: np.ndarray
+    detect: np.ndarray | None
+
+
 class PredictionCollector(pl.Callback):
-    """Keeps every evaluated slice's probabilities (float32), truth (uint8) and identity; with
-    ``tta=True`` also the average of the plain and the horizontally flipped prediction."""
+    """Keeps every evaluated slice's probabilities (float32, network resolution), native truth
+    (uint8), aux-head probability and identity; with ``tta=True`` also the average of the plain
+    and the horizontally flipped prediction (the flip undone on the width axis)."""
 
     def __init__(self, tta: bool = False) -> None:
         self.tta = tta
-        self.rows: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self.rows: list[tuple[Any, ...]] = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        probs = outputs["probs"][:, 0].float()
-        tta = None
+        probs = outputs["probs"].float()
+        detect = outputs.get("detect_prob")
+        tta_probs = tta_detect = None
         if self.tta:
-            with torch.no_grad():
-                flipped = torch.sigmoid(pl_module(torch.flip(batch["image"], dims=[-1])).float())
-            tta = ((probs + torch.flip(flipped[:, 0], dims=[-1])) / 2).cpu().numpy()
-        probs = probs.cpu().numpy()
-        truths = (batch["mask"][:, 0] > 0).cpu().numpy().astype(np.uint8)
+            tta_probs, tta_detect = flip_tta(pl_module, batch["image"], probs, detect)
+            tta_probs = tta_probs[:, 0].cpu().numpy()
+            tta_detect = None if tta_detect is None else tta_detect.cpu().numpy()
+        probs = probs[:, 0].cpu().numpy()
+        detect = None if detect is None else detect.float().cpu().numpy()
+        truths = (batch["mask_native"][:, 0] > 0).cpu().numpy().astype(np.uint8)
         for i in range(len(probs)):
             self.rows.append(
                 (
                     int(batch["patient"][i]),
                     int(batch["slice"][i]),
+                    int(batch["row"][i]),
                     probs[i],
                     truths[i],
-                    None if tta is None else tta[i],
+                    None if detect is None else float(detect[i]),
+                    None if tta_probs is None else tta_probs[i],
+                    None if tta_detect is None else float(tta_detect[i]),
                 )
             )
 
-    def volumes(self, tta: bool = False) -> dict[int, tuple[list[int], np.ndarray, np.ndarray]]:
-        """patient id -> (slice numbers, probabilities (S, H, W), truth (S, H, W)), slice order."""
-        by_patient: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-        for pid, number, probs, truth, tta_probs in self.rows:
-            by_patient.setdefault(pid, []).append((number, tta_probs if tta else probs, truth))
+    def volumes(self, tta: bool = False) -> dict[int, Volume]:
+        """patient id -> :class:`Volume`, plain or (``tta``) flip-averaged probabilities."""
+        by_patient: dict[int, list[tuple[Any, ...]]] = {}
+        for pid, number, row, probs, truth, det, tta_probs, tta_det in self.rows:
+            item = (number, row, tta_probs if tta else probs, truth, tta_det if tta else det)
+            by_patient.setdefault(pid, []).append(item)
         out = {}
         for pid, items in by_patient.items():
             items.sort(key=lambda t: t[0])
-            out[pid] = (
-                [t[0] for t in items],
-                np.stack([t[1] for t in items]),
-                np.stack([t[2] for t in items]),
+            detect = [t[4] for t in items]
+            out[pid] = Volume(
+                numbers=[t[0] for t in items],
+                rows=np.array([t[1] for t in items], dtype=np.int64),
+                probs=np.stack([t[2] for t in items]),
+                truth=np.stack([t[3] for t in items]),
+                detect=None if detect[0] is None else np.array(detect, dtype=np.float32),
             )
         return out
+
+
+def flip_tta(
+    module: Any, images: torch.Tensor, probs: torch.Tensor, detect: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flip test-time augmentation: the mean of ``probs`` (N, 1, S, S, the plain prediction of
+    ``images``) and the prediction of the horizontally flipped images flipped back (width,
+    the last axis); the aux head's probabilities (N,) averaged the same way."""
+    flipped_probs, flipped_detect = module.predict_probs(torch.flip(images, dims=[-1]))
+    mean = (probs.float() + torch.flip(flipped_probs.float(), dims=[-1])) / 2
+    if detect is None or flipped_detect is None:
+        return mean, None
+    return mean, (detect.float() + flipped_detect.float()) / 2
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -115,73 +160,147 @@ def module_from_checkpoint(checkpoint: dict[str, Any], run_cfg: DictConfig | Non
     return module.eval()
 
 
+def native_probs(volume: Volume) -> np.ndarray:
+    """The volume's probabilities at the masks' native resolution (S, H, W) float32: the
+    resizing :func:`tlunet.predict.predict` applies (:func:`tlunet.scoring.to_native`)."""
+    probs = torch.from_numpy(volume.probs)[:, None]
+    return to_native(probs, volume.truth.shape[-2:])[:, 0].numpy()
+
+
+@dataclass
+class Scored:
+    """A volume scored with one option set: native probabilities, binary prediction, truth."""
+
+    volume: Volume
+    probs: np.ndarray  # (S, H, W) float32, native resolution
+    pred: np.ndarray  # (S, H, W) bool, thresholded (and post-processed)
+
+
+def score_volumes(
+    volumes: dict[int, Volume], threshold: float, postprocess: tuple[str, int] | None
+) -> dict[int, Scored]:
+    """Resize each patient's probabilities to native resolution, threshold them, and
+    post-process the patient's volume."""
+    out = {}
+    for pid, volume in volumes.items():
+        probs = native_probs(volume)
+        pred = postprocess_volume(threshold_masks(probs, threshold), postprocess)
+        out[pid] = Scored(volume, probs, pred)
+    return out
+
+
+def tune_threshold(
+    volumes: dict[int, Volume], postprocess: tuple[str, int] | None
+) -> tuple[float, float]:
+    """:func:`tlunet.postprocess.best_threshold` of ``volumes`` at native resolution, after
+    ``postprocess``: (threshold, global Dice)."""
+    return best_threshold([(native_probs(v), v.truth) for v in volumes.values()], postprocess)
+
+
 def patient_tables(
-    volumes: dict[int, tuple[list[int], np.ndarray, np.ndarray]], names: list[str]
-) -> tuple[list[list[Any]], list[list[Any]], dict[str, float]]:
-    """Per-patient and per-slice tables, and per-patient summary metrics, from binary
-    prediction volumes ``patient id -> (slice numbers, prediction, truth)``."""
+    scored: dict[int, Scored], names: list[str], per_patient: bool
+) -> tuple[list[list[Any]], list[list[Any]], dict[str, Any]]:
+    """Per-patient rows, per-slice rows and per-patient summaries (with bootstrap intervals)
+    of scored volumes. Without ``per_patient`` (``split=paper``) the per-patient rows are empty
+    and the summaries ``None``: a patient's few scattered slices are not a volume."""
     patients, slices = [], []
-    for pid in sorted(volumes, key=lambda p: names[p]):
-        numbers, pred, truth = volumes[pid]
-        pred, truth = pred.astype(bool), truth.astype(bool)
+    counts = []
+    for pid in sorted(scored, key=lambda p: names[p]):
+        item = scored[pid]
+        pred, truth = item.pred, item.volume.truth.astype(bool)
+        detected = (
+            pred.reshape(len(pred), -1).any(axis=1)
+            if item.volume.detect is None
+            else item.volume.detect >= 0.5
+        )
+        for k, number in enumerate(item.volume.numbers):
+            p, t = pred[k], truth[k]
+            slices.append([names[pid], number, int(t.sum()), int(p.sum()), dice_iou(p, t)[0]])
+        if not per_patient:
+            continue
         dice, iou = dice_iou(pred, truth)
         patients.append(
             [
                 names[pid],
-                len(numbers),
+                len(item.volume.numbers),
                 int(truth.sum()),
                 int(pred.sum()),
                 dice,
                 iou,
                 hd95(pred, truth),
                 volume_similarity(pred, truth),
+                bool(detected.any()),
             ]
         )
-        for k, number in enumerate(numbers):
-            p, t = pred[k], truth[k]
-            slices.append([names[pid], number, int(t.sum()), int(p.sum()), dice_iou(p, t)[0]])
-    hd = [r[6] for r in patients if math.isfinite(r[6])]
+        counts.append(
+            (
+                np.count_nonzero(pred & truth),
+                np.count_nonzero(pred & ~truth),
+                np.count_nonzero(~pred & truth),
+            )
+        )
+    if not per_patient:
+        return [], slices, dict.fromkeys(PATIENT_SUMMARY_KEYS)
+    hd = np.array([r[6] for r in patients], dtype=np.float64)
+    finite = hd[np.isfinite(hd)]
     truth_any = np.array([r[2] > 0 for r in patients])
-    pred_any = np.array([r[3] > 0 for r in patients])
+    detected = np.array([r[8] for r in patients])
+    dice_low, dice_high = mean_ci([r[4] for r in patients])
+    tp, fp, fn = (np.array(c, dtype=np.float64) for c in zip(*counts, strict=True))
+    global_low, global_high = global_dice_ci(tp, fp, fn)
     summary = {
-        "hd95_per_patient": float(np.mean(hd)) if hd else float("nan"),
-        "hd95_per_patient_median": float(np.median(hd)) if hd else float("nan"),
+        "hd95_per_patient": float(np.mean(finite)) if finite.size else float("nan"),
+        "hd95_per_patient_median": float(np.median(finite)) if finite.size else float("nan"),
+        "hd95_patients": float(finite.size),
+        "hd95_inf_patients": float(np.isinf(hd).sum()),
         "volume_similarity_per_patient": float(np.mean([r[7] for r in patients])),
-        "detect_patient_sensitivity": float(pred_any[truth_any].mean())
+        "detect_patient_sensitivity": float(detected[truth_any].mean())
         if truth_any.any()
         else float("nan"),
-        "detect_patient_specificity": float((~pred_any[~truth_any]).mean())
+        "detect_patient_specificity": float((~detected[~truth_any]).mean())
         if (~truth_any).any()
         else float("nan"),
+        "dice_per_patient_ci95_low": dice_low,
+        "dice_per_patient_ci95_high": dice_high,
+        "dice_ci95_low": global_low,
+        "dice_ci95_high": global_high,
     }
     return patients, slices, summary
 
 
-def binarise(
-    volumes: dict[int, tuple[list[int], np.ndarray, np.ndarray]],
-    threshold: float,
-    postprocess: tuple[str, int] | None,
-) -> dict[int, tuple[list[int], np.ndarray, np.ndarray]]:
-    """Threshold probability volumes and post-process each patient's volume."""
-    return {
-        pid: (numbers, postprocess_volume(probs >= threshold, postprocess), truth)
-        for pid, (numbers, probs, truth) in volumes.items()
-    }
+#: Keys :func:`patient_tables` adds to the metrics (``None`` under ``split=paper``).
+PATIENT_SUMMARY_KEYS = (
+    "hd95_per_patient",
+    "hd95_per_patient_median",
+    "hd95_patients",
+    "hd95_inf_patients",
+    "volume_similarity_per_patient",
+    "detect_patient_sensitivity",
+    "detect_patient_specificity",
+    "dice_per_patient_ci95_low",
+    "dice_per_patient_ci95_high",
+    "dice_ci95_low",
+    "dice_ci95_high",
+)
 
 
 def volume_metrics(
-    volumes: dict[int, tuple[list[int], np.ndarray, np.ndarray]], names: list[str]
-) -> tuple[dict[str, float], list[list[Any]], list[list[Any]]]:
-    """The whole metric vocabulary of binary prediction volumes, plus the per-patient tables."""
-    metric = SegmentationMetrics(threshold=0.5)
-    for pid, (_, pred, truth) in volumes.items():
+    scored: dict[int, Scored], names: list[str], per_patient: bool
+) -> tuple[dict[str, Any], list[list[Any]], list[list[Any]]]:
+    """The whole metric vocabulary of scored volumes, plus the per-patient and per-slice rows."""
+    metric = SegmentationMetrics(threshold=0.5, per_patient=per_patient)
+    for pid, item in scored.items():
+        volume = item.volume
         metric.update(
-            torch.from_numpy(pred.astype(np.float32)),
-            torch.from_numpy(truth.astype(np.float32)),
-            torch.full((len(pred),), pid, dtype=torch.long),
+            torch.from_numpy(item.probs),
+            torch.from_numpy(volume.truth),
+            torch.full((len(volume.rows),), pid, dtype=torch.long),
+            None if volume.detect is None else torch.from_numpy(volume.detect),
+            rows=torch.from_numpy(volume.rows),
+            pred=torch.from_numpy(item.pred),
         )
     values = metric.compute()
-    patients, slices, summary = patient_tables(volumes, names)
+    patients, slices, summary = patient_tables(scored, names, per_patient)
     return {**values, **summary}, patients, slices
 
 
@@ -195,7 +314,24 @@ def _collect(trainer: pl.Trainer, module: Any, loader: Any, tta: bool) -> Predic
     return collector
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
+def seen_patients(
+    recorded: dict[str, list[str]] | None, evaluated: list[str]
+) -> dict[str, Any] | None:
+    """Which of the ``evaluated`` patients the checkpoint trained or validated on; ``None``
+    when the checkpoint does not record its patients (made before tlunet recorded them)."""
+    if not recorded:
+        return None
+    train, val = set(recorded.get("train") or []), set(recorded.get("val") or [])
+    names = set(evaluated)
+    return {
+        "count": len(names & (train | val)),
+        "train": len(names & train),
+        "val": len(names & val),
+        "evaluated": len(names),
+    }
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.stage``; write the files; return the metrics."""
     if not cfg.ckpt_path:
         raise ConfigError(
@@ -203,7 +339,28 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     if cfg.stage not in EVAL_STAGES:
         raise ConfigError(f"stage='{cfg.stage}' is unknown; choose one of {list(EVAL_STAGES)}.")
+    options = cfg.get("eval") or {}
+    tta = options.get("tta")
+    if tta not in (None, "flip"):
+        raise ConfigError(f"eval.tta='{tta}' is unknown; use flip or null.")
+    postprocess = parse_postprocess(options.get("postprocess"))
+    threshold_option = options.get("threshold")
+    if threshold_option == "auto" and cfg.stage in ("val", "all"):
+        raise ConfigError(
+            f"eval.threshold=auto tunes the threshold on the validation stage, which stage="
+            f"{cfg.stage} contains: the score would be tuned on the slices it is computed on. "
+            "Evaluate stage=test, or give a number (eval.threshold=0.4)."
+        )
+    if threshold_option not in (None, "auto"):
+        try:
+            fixed = float(threshold_option)
+        except (TypeError, ValueError):
+            fixed = -1.0
+        if not 0 < fixed < 1:
+            raise ConfigError(f"eval.threshold={threshold_option} must be in (0, 1) or auto.")
+
     checkpoint = load_checkpoint(cfg.ckpt_path)
+    stored = checkpoint.get("tlunet") or {}
     run_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
     for key, value in cfg.data.items():
         if value is not None:
@@ -212,10 +369,24 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(
             "data.fold needs data.num_folds (the checkpoint was not trained with folds)."
         )
+    per_patient = run_cfg.data.get("split") != "paper"
+    if postprocess is not None and not per_patient:
+        raise ConfigError(
+            f"eval.postprocess={options.get('postprocess')} works on patient volumes, which a "
+            "slice-level split (data.split=paper) does not have: drop it or evaluate a "
+            "patient split."
+        )
+    preprocessing = stored.get("preprocessing")
+    if not preprocessing:
+        log.warning(
+            "%s records no preprocessing: image size and normalisation follow its config.",
+            cfg.ckpt_path,
+        )
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    datamodule = instantiate(run_cfg.data)
+    # The model's own input: image size, mean and std from the checkpoint, never recomputed.
+    datamodule = instantiate(run_cfg.data, preprocessing=preprocessing or None)
     datamodule.prepare_data()
     datamodule.setup("test")
     if cfg.stage == "all":  # every slice of the data, without augmentation
@@ -224,13 +395,30 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         datamodule.datasets["all"] = everything
     if len(datamodule.datasets[cfg.stage]) == 0:
         raise ConfigError(f"The {cfg.stage} stage of this split is empty.")
+    evaluated = datamodule.patients if cfg.stage == "all" else datamodule.stage_patients(cfg.stage)
+    seen = seen_patients(stored.get("patients"), evaluated)
+    allow_seen = bool(options.get("allow_seen_patients", False))
+    if seen is None:
+        log.warning(
+            "%s does not record its training patients: cannot check that the %d evaluated "
+            "patients are new to it.",
+            cfg.ckpt_path,
+            len(evaluated),
+        )
+    elif seen["count"] and not allow_seen:
+        raise ConfigError(
+            f"{seen['count']} of the {seen['evaluated']} patients of stage={cfg.stage} were used "
+            f"to train ({seen['train']}) or validate ({seen['val']}) this model, so its scores "
+            "there are not a test. Evaluate new patients, or pass eval.allow_seen_patients=true "
+            "(the count is then written to metrics.json as seen_patients)."
+            + (
+                " A slice-level split (data.split=paper) shares patients between all stages."
+                if not per_patient
+                else ""
+            )
+        )
+
     module = module_from_checkpoint(checkpoint, run_cfg)
-    options = cfg.get("eval") or {}
-    tta = options.get("tta")
-    if tta not in (None, "flip"):
-        raise ConfigError(f"eval.tta='{tta}' is unknown; use flip or null.")
-    postprocess = parse_postprocess(options.get("postprocess"))
-    threshold_option = options.get("threshold")
     trainer = pl.Trainer(
         accelerator=cfg.accelerator,
         devices=1,
@@ -245,53 +433,71 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     collector = _collect(trainer, module, loader, tta == "flip")
     baseline = {**trainer.callback_metrics, **module.epoch_metrics["test"]}
     names = datamodule.patients
-    plain = collector.volumes()
+    sources = {"plain": collector.volumes()}
+    if tta == "flip":
+        sources["tta"] = collector.volumes(tta=True)
+    selected = "tta" if tta == "flip" else "plain"
 
-    threshold = module.threshold
+    # Thresholds: the checkpoint's, a given number, or (auto) tuned on the validation stage on
+    # exactly the probabilities and post-processing of the row that uses it.
+    tuned: dict[tuple[str, Any], tuple[float, float]] = {}
     if threshold_option == "auto":
-        # Chosen on the validation stage, never on the evaluated one.
         val = _collect(trainer, module, datamodule.dataloader("val"), tta == "flip")
-        val_volumes = val.volumes(tta == "flip")
-        threshold, val_dice = best_threshold(
-            np.concatenate([v[1].ravel() for v in val_volumes.values()]),
-            np.concatenate([v[2].ravel() for v in val_volumes.values()]),
-        )
-        log.info("eval.threshold=auto: %.2f (validation Dice %.4f)", threshold, val_dice)
-    elif threshold_option is not None:
-        threshold = float(threshold_option)
-        if not 0 < threshold < 1:
-            raise ConfigError(f"eval.threshold={threshold_option} must be in (0, 1) or auto.")
+        val_sources = {"plain": val.volumes()}
+        if tta == "flip":
+            val_sources["tta"] = val.volumes(tta=True)
+        for source, pp in {("plain", None), (selected, postprocess)}:
+            tuned[(source, pp)] = tune_threshold(val_sources[source], pp)
+            log.info(
+                "eval.threshold=auto for %s probabilities%s: %.2f (validation Dice %.4f)",
+                source,
+                f", {options.get('postprocess')}" if pp else "",
+                *tuned[(source, pp)],
+            )
+
+    def threshold_for(source: str, pp: tuple[str, int] | None) -> float:
+        if threshold_option == "auto":
+            return tuned[(source, pp)][0]
+        return module.threshold if threshold_option is None else float(threshold_option)
 
     # Every option alone, then all together: the effect of each is visible.
-    flipped = collector.volumes(tta=True) if tta == "flip" else None
-    variants = [("baseline", plain, module.threshold, None)]
-    if flipped is not None:
-        variants.append(("tta=flip", flipped, module.threshold, None))
+    variants = [("baseline", "plain", module.threshold, None)]
+    if tta == "flip":
+        variants.append(("tta=flip", "tta", module.threshold, None))
     if postprocess is not None:
         variants.append(
-            (f"postprocess={options.get('postprocess')}", plain, module.threshold, postprocess)
+            (f"postprocess={options.get('postprocess')}", "plain", module.threshold, postprocess)
         )
-    if threshold != module.threshold:
-        variants.append((f"threshold={threshold:.2f}", plain, threshold, None))
+    if threshold_option is not None:
+        variants.append(
+            (f"threshold={threshold_option}", "plain", threshold_for("plain", None), None)
+        )
     if len(variants) > 2:
         variants.append(
-            ("all selected", plain if flipped is None else flipped, threshold, postprocess)
+            ("all selected", selected, threshold_for(selected, postprocess), postprocess)
         )
     table = []
-    for name, volumes, thr, pp in variants:
-        values, patients, slices = volume_metrics(binarise(volumes, thr, pp), names)
+    for name, source, thr, pp in variants:
+        values, patients, slices = volume_metrics(
+            score_volumes(sources[source], thr, pp), names, per_patient
+        )
         table.append((name, thr, values))
+
     # metrics.json, per_patient.csv, per_slice.csv: the selected options (the last variant).
-    metrics = {f"{cfg.stage}/{k}": float(v) for k, v in table[-1][2].items()}
+    metrics: dict[str, Any] = {f"{cfg.stage}/{k}": v for k, v in table[-1][2].items()}
     metrics[f"{cfg.stage}/loss"] = float(baseline["test/loss"])  # the model's, without options
     if len(table) == 1:  # no option: exactly the run's own computation
-        metrics |= {k.replace("test/", f"{cfg.stage}/", 1): float(v) for k, v in baseline.items()}
+        metrics |= {k.replace("test/", f"{cfg.stage}/", 1): v for k, v in baseline.items()}
+    metrics = {k: (float(v) if v is not None else None) for k, v in metrics.items()}
+    metrics["seen_patients"] = None if seen is None else seen["count"]
     columns = [
         "dice",
         "iou",
         "dice_per_patient",
         "dice_per_image",
+        "dice_keras_batch",
         "hd95_per_patient",
+        "hd95_inf_patients",
         "volume_similarity_per_patient",
         "detect_accuracy",
     ]
@@ -299,33 +505,72 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         out_dir / "options.csv",
         csv_text(
             ["option", "threshold", *columns],
-            [[name, thr, *[values[c] for c in columns]] for name, thr, values in table],
+            [[name, thr, *[_cell(values[c]) for c in columns]] for name, thr, values in table],
         ),
     )
-    write_text_atomic(
-        out_dir / "per_patient.csv",
-        csv_text(
-            [
-                "patient",
-                "slices",
-                "tumour_pixels_true",
-                "tumour_pixels_pred",
-                "dice",
-                "iou",
-                "hd95_px",
-                "volume_similarity",
-            ],
-            patients,
-        ),
-    )
+    files = ["metrics.json", "evaluation.json", "options.csv", "per_slice.csv"]
+    if per_patient:
+        write_text_atomic(
+            out_dir / "per_patient.csv",
+            csv_text(
+                [
+                    "patient",
+                    "slices",
+                    "tumour_pixels_true",
+                    "tumour_pixels_pred",
+                    "dice",
+                    "iou",
+                    "hd95_px",
+                    "volume_similarity",
+                    "detected",
+                ],
+                patients,
+            ),
+        )
+        files.insert(2, "per_patient.csv")
     write_text_atomic(
         out_dir / "per_slice.csv",
         csv_text(["patient", "slice", "tumour_pixels_true", "tumour_pixels_pred", "dice"], slices),
     )
+    info = {
+        "checkpoint": str(Path(str(cfg.ckpt_path)).expanduser().resolve()),
+        "stage": cfg.stage,
+        "data_root": str(run_cfg.data.root),
+        "split": run_cfg.data.get("split"),
+        "fold": run_cfg.data.get("fold") if run_cfg.data.get("num_folds") else None,
+        "patients": len(evaluated),
+        "seen_patients": seen,
+        "options": {
+            "tta": tta,
+            "postprocess": options.get("postprocess"),
+            "threshold": threshold_option,
+            "selected_threshold": table[-1][1],
+            "tuned_on_validation": {
+                f"{source}{'+' + str(options.get('postprocess')) if pp else ''}": {
+                    "threshold": thr,
+                    "validation_dice": dice,
+                }
+                for (source, pp), (thr, dice) in tuned.items()
+            },
+        },
+        "preprocessing": datamodule.preprocessing,
+        "scoring": scoring_info(datamodule, module),
+        "environment": environment_info(),
+    }
+    write_json_atomic(out_dir / "evaluation.json", info)
     write_json_atomic(out_dir / "metrics.json", metrics)
     log.info("Evaluation of %s on %s written to %s", cfg.ckpt_path, cfg.stage, out_dir)
-    print(f"Evaluation written to {out_dir}: metrics.json, per_patient.csv, per_slice.csv")
+    if not per_patient:
+        print(
+            "data.split=paper: per-patient metrics, HD95 and per_patient.csv are not applicable "
+            "(a stage holds scattered slices of each patient)."
+        )
+    print(f"Evaluation written to {out_dir}: {', '.join(files)}")
     return metrics
+
+
+def _cell(value: Any) -> Any:
+    return "" if value is None else value
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

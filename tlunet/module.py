@@ -16,6 +16,7 @@ from torch import nn
 import tlunet
 from tlunet.errors import ConfigError
 from tlunet.metrics import SegmentationMetrics, prefixed
+from tlunet.scoring import to_native
 
 STAGES = ("train", "val", "test")
 #: The loss terms logged per stage (``loss_seg`` and ``loss_aux`` only with the aux head).
@@ -32,9 +33,19 @@ class SegmentationModule(pl.LightningModule):
         scheduler: partial taking ``optimizer`` (e.g. ``ReduceLROnPlateau``), or ``None``.
         monitor: the logged metric the scheduler follows (e.g. ``val/dice_per_patient``).
         threshold: probability at or above which a pixel is tumour.
+        per_patient: compute per-patient metrics (``False`` under ``split=paper``, where a
+            stage holds a few scattered slices of each patient: they are then ``None``).
         aux_head: the image-level head (:class:`tlunet.models.aux_head.AuxHead`) fed with the
             deepest ``net.encoder`` features, or ``None``. Its cross-entropy, times
-            ``aux_loss_weight``, is added to the loss; its probability drives ``detect_*``.
+            ``aux_loss_weight``, is added to the loss; its probability (>= 0.5) drives
+            ``detect_*`` in every stage and in ``tlunet.evaluate`` (without a head: "the
+            predicted mask is non-empty").
+
+    Scoring: validation and test batches carry ``mask_native``, the masks at the resolution
+    of the files on disk; their metrics are computed on the probabilities resized to it
+    (:func:`tlunet.scoring.to_native`), the path ``tlunet.predict`` takes. Training metrics
+    and every loss are at the network's resolution (augmented training slices have no native
+    mask).
         freeze_encoder: keep ``net.encoder`` frozen (no gradient, BatchNorm statistics fixed)...
         unfreeze_at_epoch: ...until this epoch (0-based); ``None``: for the whole run.
         channels_last: keep ``net``'s weights and its input batches in channels-last memory
@@ -53,6 +64,7 @@ class SegmentationModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         monitor: str = "val/dice_per_patient",
         threshold: float = 0.5,
+        per_patient: bool = True,
         run_config: dict[str, Any] | None = None,
         aux_head: nn.Module | None = None,
         aux_loss_weight: float = 0.2,
@@ -73,6 +85,7 @@ class SegmentationModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.monitor = monitor
         self.threshold = threshold
+        self.per_patient = bool(per_patient)
         self.aux_head = aux_head
         self.aux_loss_weight = aux_loss_weight
         self._deepest: torch.Tensor | None = None
@@ -87,7 +100,10 @@ class SegmentationModule(pl.LightningModule):
         self.epoch_metrics: dict[str, dict[str, float]] = {}
         # Keys carry a suffix: "train" would clash with nn.Module.train.
         self.metrics = nn.ModuleDict(
-            {f"{s}_metrics": SegmentationMetrics(threshold=threshold) for s in STAGES}
+            {
+                f"{s}_metrics": SegmentationMetrics(threshold=threshold, per_patient=per_patient)
+                for s in STAGES
+            }
         )
         # Epoch means of the loss terms, reduced across processes in the epoch-end hooks
         # together with the metrics (not by self.log(sync_dist=True), whose reduction happens
@@ -108,6 +124,11 @@ class SegmentationModule(pl.LightningModule):
                 compile = OmegaConf.to_container(compile, resolve=True)
             options = dict(compile) if isinstance(compile, dict) else {}
             self.net.compile(**options)  # in place: parameter names unchanged
+
+    @property
+    def detect_source(self) -> str:
+        """What ``detect_*`` are computed from: ``aux_head`` or ``mask`` (predicted non-empty)."""
+        return "mask" if self.aux_head is None else "aux_head"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, 1, H, W) for images (N, 3, H, W)."""
@@ -175,12 +196,17 @@ class SegmentationModule(pl.LightningModule):
 
     def _step(
         self, batch: dict[str, torch.Tensor], stage: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         loss, logits, terms, detect_prob = self.compute_loss(batch)
         probs = torch.sigmoid(logits)
+        truth = batch.get("mask_native")
+        if truth is None:  # training: the augmented slice at the network's resolution
+            scored, truth = probs.detach(), batch["mask"]
+        else:
+            scored = to_native(probs.detach(), truth.shape[-2:])
         self.metrics[f"{stage}_metrics"].update(
-            probs.detach(),
-            batch["mask"],
+            scored,
+            truth,
             batch["patient"],
             None if detect_prob is None else detect_prob.detach(),
             # Unique slice ids: the metric drops the slices DDP's sampler repeats as padding.
@@ -190,7 +216,7 @@ class SegmentationModule(pl.LightningModule):
             self.loss_means[f"{stage}_{name}"].update(value.detach().float(), weight=len(logits))
         if stage == "train":
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
-        return loss, probs
+        return loss, probs, detect_prob
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")[0]
@@ -198,8 +224,21 @@ class SegmentationModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"probs": self._step(batch, "test")[1]}
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        """Probabilities (N, 1, S, S) at the network's resolution, and the aux head's
+        tumour probability (N,) or ``None``, for callbacks (figures, ``tlunet.evaluate``)."""
+        _, probs, detect_prob = self._step(batch, "test")
+        return {"probs": probs, "detect_prob": detect_prob}
+
+    @torch.no_grad()
+    def predict_probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tumour probabilities (N, 1, S, S) and the aux head's slice probability (N,) (or
+        ``None`` without a head) for normalised images (N, 3, S, S)."""
+        logits = self(images).float()
+        detect = None
+        if self.aux_head is not None:
+            detect = torch.softmax(self.aux_head(self._deepest).float(), dim=1)[:, 1]
+        return torch.sigmoid(logits), detect
 
     def _log_metrics(self, stage: str) -> None:
         metric = self.metrics[f"{stage}_metrics"]
@@ -215,7 +254,8 @@ class SegmentationModule(pl.LightningModule):
         self.epoch_metrics[stage] = values
         # Values are already reduced across processes by torchmetrics: no sync_dist.
         for name, value in values.items():
-            self.log(name, value, prog_bar=name == self.monitor)
+            if value is not None:  # None: not applicable (per-patient under split=paper)
+                self.log(name, value, prog_bar=name == self.monitor)
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
@@ -244,9 +284,15 @@ class SegmentationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
+        patients = None
+        if getattr(datamodule, "stage_rows", None):
+            # Which patients the model saw: tlunet.evaluate refuses to score it on them.
+            patients = {s: datamodule.stage_patients(s) for s in ("train", "val")}
         checkpoint["tlunet"] = {
             "version": tlunet.__version__,
             "preprocessing": getattr(datamodule, "preprocessing", None),
+            "patients": patients,
+            "detect_source": self.detect_source,
             "rng": rng_state(),
         }
 

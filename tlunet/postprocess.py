@@ -6,6 +6,8 @@ connectivity (``scipy.ndimage.label``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 
@@ -13,21 +15,22 @@ from tlunet.errors import ConfigError
 
 
 def parse_postprocess(spec: str | None) -> tuple[str, int] | None:
-    """``largest_component`` -> ("largest", 0); ``min_size=N`` -> ("min_size", N); None -> None."""
+    """``largest_component`` -> ("largest", 0); ``min_size:N`` (or ``min_size=N``, which the
+    command line needs quoted) -> ("min_size", N); None -> None."""
     if spec in (None, "", "none", "null"):
         return None
     spec = str(spec)
     if spec == "largest_component":
         return ("largest", 0)
-    if spec.startswith("min_size="):
+    if spec.startswith(("min_size:", "min_size=")):
         try:
-            size = int(spec.split("=", 1)[1])
+            size = int(spec[len("min_size:") :])
         except ValueError:
             size = -1
         if size > 0:
             return ("min_size", size)
     raise ConfigError(
-        f"eval.postprocess='{spec}' is unknown; use largest_component or min_size=N (N > 0 voxels)."
+        f"eval.postprocess='{spec}' is unknown; use largest_component or min_size:N (N > 0 voxels)."
     )
 
 
@@ -48,19 +51,25 @@ def postprocess_volume(mask: np.ndarray, spec: tuple[str, int] | None) -> np.nda
 
 
 def best_threshold(
-    probs: np.ndarray, truths: np.ndarray, grid: np.ndarray | None = None
+    volumes: Sequence[tuple[np.ndarray, np.ndarray]],
+    postprocess: tuple[str, int] | None = None,
+    grid: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """The threshold of ``grid`` (default 0.05..0.95 by 0.05) maximising the global Dice of
-    ``probs >= t`` against ``truths``; returns (threshold, Dice). Ties go to the lowest one."""
+    ``(probs, truth)`` volumes (each (S, H, W)) thresholded at ``probs >= t`` and then
+    post-processed with ``postprocess`` (a parsed spec, per volume): (threshold, Dice).
+    Ties go to the lowest threshold."""
     grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if grid is None else np.asarray(grid)
-    p = probs.ravel()
-    t = truths.ravel().astype(bool)
-    positives = float(t.sum())
+    truths = [np.asarray(t).astype(bool) for _, t in volumes]
     best = (float(grid[0]), -1.0)
     for threshold in grid:
-        pred = p >= threshold
-        tp = float(np.count_nonzero(pred & t))
-        denom = float(np.count_nonzero(pred)) + positives
+        tp = fp = fn = 0
+        for (probs, _), truth in zip(volumes, truths, strict=True):
+            pred = postprocess_volume(np.asarray(probs) >= threshold, postprocess)
+            tp += int(np.count_nonzero(pred & truth))
+            fp += int(np.count_nonzero(pred & ~truth))
+            fn += int(np.count_nonzero(~pred & truth))
+        denom = 2 * tp + fp + fn
         dice = 1.0 if denom == 0 else 2 * tp / denom
         if dice > best[1]:
             best = (float(threshold), dice)

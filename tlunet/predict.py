@@ -6,8 +6,10 @@ PATH is a .tif/.png slice (H, W, 3 uint8: pre-contrast, FLAIR, post-contrast), a
 slices, or a kaggle_3m patient folder (its ``*_mask.tif`` files are ignored). For every slice
 ``<name>.<ext>``, DIR receives ``masks/<name>.tif`` (the input's name; uint8 0/255, the
 input's height and width) and ``overlays/<name>.png`` (the prediction's contour in red on the
-FLAIR channel), and ``tumour_area.csv`` lists the tumour area per slice. Resizing and normalisation come from the
-checkpoint. The output folder must differ from the input's: nothing is ever overwritten there.
+FLAIR channel), and ``tumour_area.csv`` lists the tumour area per slice. Resizing and
+normalisation come from the checkpoint; the probabilities are resized back to each input's size
+and then thresholded (:mod:`tlunet.scoring`), exactly as ``tlunet.evaluate`` scores them. The output folder must differ from the input's:
+nothing is ever overwritten there.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tlunet.data.cache import read_image
 from tlunet.data.transforms import build_transform
 from tlunet.errors import ConfigError, DataError
 from tlunet.evaluate import load_checkpoint, module_from_checkpoint
+from tlunet.scoring import native_masks
 from tlunet.utils import csv_text, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -113,11 +116,11 @@ def predict(cfg: DictConfig) -> Path:
         chunk = files[start : start + cfg.batch_size]
         images = [read_slice(f) for f in chunk]
         batch = torch.stack([transform(image=im, mask=im[..., 0])["image"] for im in images])
-        probs = torch.sigmoid(module(batch.to(device)).float())[:, 0].cpu().numpy()
+        probs = module.predict_probs(batch.to(device))[0].cpu()
         for f, image, prob in zip(chunk, images, probs, strict=True):
             h, w = image.shape[:2]
-            full = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
-            mask = (full >= threshold).astype(np.uint8)
+            # The input's own size, through the path every score takes (tlunet.scoring).
+            mask = native_masks(prob[None], (h, w), threshold)[0, 0].numpy().astype(np.uint8)
             tifffile.imwrite(out / "masks" / f"{f.stem}.tif", mask * 255, photometric="minisblack")
             cv2.imwrite(
                 str(out / "overlays" / f"{f.stem}.png"),

@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from tlunet.callbacks import AtomicCheckpointIO, truncate_metrics_csv
 from tlunet.errors import ConfigError
+from tlunet.metrics import PER_PATIENT_KEYS
 from tlunet.models import MODELS, count_parameters
 from tlunet.models.aux_head import AuxHead, deepest_channels
 from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
@@ -178,6 +179,7 @@ def build_module(cfg: DictConfig, net: Any) -> Any:
     return instantiate(
         cfg.module,
         _recursive_=False,
+        per_patient=cfg.data.get("split") != "paper",
         aux_head=aux_head,
         aux_loss_weight=cfg.model.get("aux_loss_weight", 0.2),
         freeze_encoder=bool(cfg.model.get("freeze_encoder", False)),
@@ -192,6 +194,32 @@ def build_module(cfg: DictConfig, net: Any) -> Any:
     )
 
 
+def scoring_info(datamodule: Any, module: Any) -> dict[str, Any]:
+    """How a run's (or an evaluation's) numbers were computed, for run.json/evaluation.json."""
+    size = getattr(datamodule, "native_size", None)
+    return {
+        "resolution": list(size) if size else None,
+        "network_input": [datamodule.image_size, datamodule.image_size],
+        "how": "probabilities resized bilinearly to the masks' native resolution, then "
+        f"thresholded at {module.threshold} (val, test, evaluate; the masks predict writes)",
+        "train_metrics": "network resolution, augmented slices",
+        "per_patient_metrics": bool(getattr(module, "per_patient", True)),
+        "detect_source": getattr(module, "detect_source", "mask"),
+    }
+
+
+def check_monitor(cfg: DictConfig) -> None:
+    """Refuse a monitored metric the run will not compute: a per-patient metric under the
+    slice-level ``data.split=paper``, where it is not applicable (``None``)."""
+    metric = str(cfg.monitor.metric)
+    if cfg.data.get("split") == "paper" and metric.split("/")[-1] in PER_PATIENT_KEYS:
+        raise ConfigError(
+            f"monitor.metric={metric} is not computed under data.split=paper: a slice-level "
+            "split scatters each patient's slices over the stages, so per-patient metrics are "
+            "not applicable. Use monitor.metric=val/dice (the default for this split)."
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the model of ``cfg``, test its best checkpoint, write the run's files.
 
@@ -200,6 +228,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = None
     if cfg.get("resume"):
         cfg, ckpt_path, (epoch, global_step) = resume_config(cfg)
+    check_monitor(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_zero = rank_zero_only.rank == 0  # under DDP, one process writes the run's files
@@ -298,6 +327,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "unfreeze_at_epoch": cfg.model.get("unfreeze_at_epoch"),
         "precision": str(trainer.precision),
         "preprocessing": datamodule.preprocessing,
+        "scoring": scoring_info(datamodule, module),
         "patients": {s: datamodule.stage_patients(s) for s in ("train", "val", "test")},
         "environment": environment_info(),
     }

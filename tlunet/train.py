@@ -27,7 +27,8 @@ def _summary(result: dict) -> None:
         table.add_column("metric")
         table.add_column("value", justify="right")
         for k in sorted(metrics):
-            table.add_row(k, f"{metrics[k]:.4f}")
+            value = metrics[k]
+            table.add_row(k, "not applicable" if value is None else f"{value:.4f}")
         console.print(table)
     run_dir = result["run_dir"]
     console.print(

@@ -31,7 +31,7 @@ from tlunet.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 SPLITS = ("patient", "paper")
-NORMALIZATIONS = ("imagenet", "dataset")
+NORMALIZATIONS = ("encoder", "imagenet", "dataset")
 
 
 def patient_positions(records: Sequence[SliceRecord]) -> tuple[list[str], np.ndarray]:
@@ -56,8 +56,14 @@ class LGGDataModule(pl.LightningDataModule):
         image_size: side in pixels the slices are resized to (a multiple of 32).
         batch_size, num_workers, pin_memory, persistent_workers: DataLoader settings;
             ``pin_memory=None`` pins batches only when training on a CUDA GPU.
-        normalization: ``imagenet`` (the statistics the pretrained encoders expect) or
+        normalization: ``encoder`` (the statistics the weights of ``encoder_name`` were
+            trained with: :func:`tlunet.models.preprocessing.encoder_preprocessing`; ImageNet's
+            for encoders without pretrained weights), ``imagenet`` (ImageNet mean/std) or
             ``dataset`` (per-channel mean/std of the training split).
+        encoder_name: the model's encoder (``encoder.name``), for ``normalization=encoder``.
+        preprocessing: a trained model's ``{"image_size", "mean", "std"}`` (from its
+            checkpoint): when given they replace ``image_size`` and ``normalization``, so a
+            model is evaluated on exactly the input it was trained on, whatever the data.
         augment: albumentations transforms applied to training slices after resizing.
         cache_dir: folder for the decoded-slice cache (``None``: decode into memory each run).
         seed: seed of the training order and augmentations (:class:`SeededShuffleSampler`).
@@ -81,12 +87,14 @@ class LGGDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
-        normalization: str = "imagenet",
+        normalization: str = "encoder",
         augment: Sequence[A.BasicTransform] | None = None,
         cache_dir: str | None = None,
         synthetic: Mapping[str, Any] | None = None,
         on_error: str = "raise",
         seed: int = 0,
+        encoder_name: str | None = None,
+        preprocessing: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if on_error not in ON_ERRORS:
@@ -142,6 +150,26 @@ class LGGDataModule(pl.LightningDataModule):
         self.datasets: dict[str, SliceDataset] = {}
         self.mean: list[float] = list(IMAGENET_MEAN)
         self.std: list[float] = list(IMAGENET_STD)
+        self.normalization_source = "ImageNet statistics"
+        self.fixed_preprocessing = dict(preprocessing) if preprocessing else None
+        if self.fixed_preprocessing is not None:
+            try:
+                self.image_size = int(self.fixed_preprocessing["image_size"])
+                self.mean = [float(v) for v in self.fixed_preprocessing["mean"]]
+                self.std = [float(v) for v in self.fixed_preprocessing["std"]]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(
+                    f"The stored preprocessing {self.fixed_preprocessing} lacks image_size, "
+                    f"mean or std: {exc}"
+                ) from exc
+            self.normalization = self.fixed_preprocessing.get("normalization", normalization)
+            self.normalization_source = "the checkpoint's stored preprocessing"
+        elif normalization == "encoder":
+            from tlunet.models.preprocessing import encoder_preprocessing
+
+            stats = encoder_preprocessing(encoder_name)
+            self.mean, self.std = stats["mean"], stats["std"]
+            self.normalization_source = stats["source"]
 
     # -- Lightning hooks ---------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -173,8 +201,9 @@ class LGGDataModule(pl.LightningDataModule):
         self.patients, patient_ids = patient_positions(self.records)
         self.stage_rows = self.split_rows(self.records)
         slice_numbers = np.array([r.slice for r in self.records])
-        if self.normalization == "dataset":
+        if self.normalization == "dataset" and self.fixed_preprocessing is None:
             self.mean, self.std = channel_stats(self.decoded.images, self.stage_rows["train"])
+            self.normalization_source = "per-channel statistics of the training split"
         for name in STAGES:
             transform = build_transform(
                 self.image_size, self.mean, self.std, self.augment if name == "train" else ()
@@ -186,6 +215,7 @@ class LGGDataModule(pl.LightningDataModule):
                 patient_ids,
                 slice_numbers,
                 transform,
+                native_masks=name != "train",  # scored at the masks' own resolution
             )
         has_tumour = self.decoded.has_tumour
         log.info(
@@ -229,7 +259,20 @@ class LGGDataModule(pl.LightningDataModule):
     @property
     def preprocessing(self) -> dict[str, Any]:
         """What a model trained on this data expects of its input (saved in checkpoints)."""
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "normalization": self.normalization,
+            "normalization_source": self.normalization_source,
+        }
+
+    @property
+    def native_size(self) -> tuple[int, int] | None:
+        """(H, W) of the masks on disk, at which validation and test are scored (after setup)."""
+        if self.decoded is None:
+            return None
+        return tuple(int(v) for v in self.decoded.masks.shape[1:3])
 
     def stage_patients(self, stage: str) -> list[str]:
         """Sorted names of the patients with at least one slice in ``stage``."""

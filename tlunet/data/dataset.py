@@ -54,7 +54,9 @@ class SliceDataset(Dataset):
 
     Each item is a dict: ``image`` (3, S, S) float32, ``mask`` (1, S, S) float32 in {0, 1},
     ``patient`` int64 (the patient's position in the sorted patient list), ``slice`` int64
-    (slice number in the file name), ``row`` int64 (row in the decoded arrays).
+    (slice number in the file name), ``row`` int64 (row in the decoded arrays); with
+    ``native_masks`` also ``mask_native`` (1, H, W) uint8 in {0, 1}, the mask as stored on
+    disk, untransformed (for scoring at native resolution; evaluation stages only).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class SliceDataset(Dataset):
         patient_ids: np.ndarray,
         slice_numbers: np.ndarray,
         transform: A.Compose,
+        native_masks: bool = False,
     ) -> None:
         self.images = images
         self.masks = masks
@@ -72,6 +75,7 @@ class SliceDataset(Dataset):
         self.patient_ids = np.asarray(patient_ids, dtype=np.int64)
         self.slice_numbers = np.asarray(slice_numbers, dtype=np.int64)
         self.transform = transform
+        self.native_masks = native_masks
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -85,11 +89,15 @@ class SliceDataset(Dataset):
         else:
             i = int(item)
         row = int(self.rows[i])
-        out = self.transform(image=np.asarray(self.images[row]), mask=np.asarray(self.masks[row]))
-        return {
+        mask = np.asarray(self.masks[row])
+        out = self.transform(image=np.asarray(self.images[row]), mask=mask)
+        item = {
             "image": out["image"].float(),
             "mask": out["mask"].unsqueeze(0).float(),
             "patient": torch.tensor(self.patient_ids[row]),
             "slice": torch.tensor(self.slice_numbers[row]),
             "row": torch.tensor(row),
         }
+        if self.native_masks:
+            item["mask_native"] = torch.from_numpy(np.array(mask, dtype=np.uint8))[None]
+        return item

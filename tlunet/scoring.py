@@ -1,0 +1,46 @@
+"""From the network's probabilities to masks at the native resolution of the data.
+
+Every score tlunet reports (validation, test, ``tlunet.evaluate``) and every mask
+``tlunet.predict`` writes goes through :func:`to_native` then :func:`threshold_masks`: the
+network runs at ``data.image_size``, its probabilities are resized bilinearly to the size of
+the masks on disk, and only then thresholded. So a Dice, a tumour-pixel count or an HD95 means
+the same thing whatever size the network ran at, and ``evaluate`` scores exactly the masks
+``predict`` writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def to_native(probs: Tensor, size: Sequence[int]) -> Tensor:
+    """Probabilities (N, 1, h, w) resized to (N, 1, H, W) = ``size``, float32.
+
+    Bilinear interpolation with half-pixel centres (``align_corners=False``, as OpenCV's and
+    albumentations' ``INTER_LINEAR``); unchanged when the sizes already agree. Each slice is
+    resized on its own, so the result does not depend on the batch it came in.
+    """
+    if probs.ndim != 4 or probs.shape[1] != 1:
+        raise ValueError(f"probs must have shape (N, 1, h, w), got {tuple(probs.shape)}")
+    height, width = (int(s) for s in size)
+    probs = probs.float()
+    if tuple(probs.shape[-2:]) == (height, width):
+        return probs
+    return F.interpolate(
+        probs.contiguous(), size=(height, width), mode="bilinear", align_corners=False
+    )
+
+
+def threshold_masks(probs: Tensor, threshold: float) -> Tensor:
+    """Binary masks: ``probs >= threshold`` (a probability equal to the threshold is tumour)."""
+    return probs >= threshold
+
+
+@torch.no_grad()
+def native_masks(probs: Tensor, size: Sequence[int], threshold: float) -> Tensor:
+    """:func:`to_native` then :func:`threshold_masks`: (N, 1, H, W) bool."""
+    return threshold_masks(to_native(probs, size), threshold)
