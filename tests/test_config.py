@@ -60,9 +60,16 @@ def test_gpu_trainer_asks_for_mixed_precision() -> None:
     assert cfg.trainer.benchmark is True
 
 
-def test_precision_resolution() -> None:
+def test_precision_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tlunet.run
+
     assert resolve_precision("32-true", "cpu") == "32-true"
+    # "mixed" on the CPU: bf16 autocast only with bf16 matrix units (AMX), else fp32.
+    monkeypatch.setattr(tlunet.run, "cpu_has_bf16_matrix_units", lambda: True)
+    assert resolve_precision("mixed", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(tlunet.run, "cpu_has_bf16_matrix_units", lambda: False)
     assert resolve_precision("mixed", "cpu") == "32-true"
+    assert compose_config(["trainer=cpu"]).trainer.precision == "mixed"
     if torch.cuda.is_available():
         expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         assert resolve_precision("mixed", "gpu") == expected

@@ -148,7 +148,8 @@ def test_bench_command_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
         f"--data-root={root}",
         f"--out={out_dir}",
         "--image-size=64",
-        "--small-size=32",
+        "--small-size=0",
+        "--precisions=32-true,bf16-mixed",  # the CPU default: fp32 and bf16 autocast
         "--batch-size=4",
         "--encoders=resnet18",
         "--workers=0,2",
@@ -170,12 +171,13 @@ def test_bench_command_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
     starts = {(r["slices"], r["start"]) for r in bench["start"]}
     slices = len(index_kaggle3m(root))
     assert starts == {(slices, "cold"), (slices, "warm"), (60, "cold"), (60, "warm")}
-    assert [(r["loop"], r["image_size"]) for r in bench["train"]] == [
-        ("bare", 32),
-        ("lightning", 32),
-        ("bare", 64),
-        ("lightning", 64),
+    assert [(r["loop"], r["precision"]) for r in bench["train"]] == [
+        ("bare", "32-true"),
+        ("lightning", "32-true"),
+        ("bare", "bf16-mixed"),
+        ("lightning", "bf16-mixed"),
     ]
+    assert isinstance(bench["machine"]["cpu_bf16_matrix_units"], bool)
     assert all(p["ratio"] > 0 for p in bench["train_pairs"])
     evaluate, predict = bench["inference"]
     assert evaluate["slices"] == slices and evaluate["slices_per_s"] > 0

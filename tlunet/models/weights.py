@@ -98,15 +98,19 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
-    """Load a local weights file into ``encoder``.
+    """Load a local weights file into ``encoder`` (:func:`load_encoder_state`)."""
+    path = Path(path).expanduser()
+    load_encoder_state(encoder, _read_state_dict(path), f"Weights file '{path}'")
+
+
+def load_encoder_state(encoder: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load ``state`` into ``encoder``; ``origin`` names it in errors.
 
     Accepted key layouts: the encoder's own keys; a whole smp model (``encoder.`` prefix);
     a tlunet checkpoint (``net.encoder.`` prefix); a plain timm model for ``tu-`` encoders
     (keys without the ``model.`` prefix). Keys the encoder lacks (a classifier head) are
     ignored; every encoder parameter must be present with the right shape.
     """
-    path = Path(path).expanduser()
-    state = _read_state_dict(path)
     own = encoder.state_dict()
     candidates = [state]
     for prefix in ("net.encoder.", "encoder."):
@@ -119,13 +123,13 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     missing = sorted(own.keys() - best.keys())
     if missing:
         raise ConfigError(
-            f"Weights file '{path}' does not match the encoder: {len(missing)} of {len(own)} "
+            f"{origin} does not match the encoder: {len(missing)} of {len(own)} "
             f"encoder tensors are missing (first: {missing[:3]})."
         )
     for k, v in own.items():
         if best[k].shape != v.shape:
             raise ConfigError(
-                f"Weights file '{path}' does not match the encoder: '{k}' has shape "
+                f"{origin} does not match the encoder: '{k}' has shape "
                 f"{tuple(best[k].shape)} in the file but {tuple(v.shape)} in the model."
             )
     encoder.load_state_dict({k: best[k] for k in own}, strict=True)
