@@ -57,10 +57,12 @@ def test_paired_statistics(tmp_path: Path) -> None:
     assert dice["ci95_low"] < d.mean() < dice["ci95_high"]
     assert dice["ci95_low"] > 0  # B is better on 7 of 8 patients
     assert "B is better than A" in result["verdict"]
-    # HD95: lower is better; the patient A missed (inf) is left out of the pairs.
+    # HD95: lower is better; the patient A missed (inf) is out of the means but counts as a
+    # win of B (finite beats infinite), and A's infinite HD95 is reported.
     hd = result["scores"]["hd95_px"]
     assert hd["patients"] == 7 and hd["excluded_not_finite"] == 1
-    assert hd["higher_is_better"] is False and hd["b_better"] == 6
+    assert hd["infinite_a"] == 1 and hd["infinite_b"] == 0
+    assert hd["higher_is_better"] is False and hd["b_better"] == 7 and hd["b_worse"] == 1
     stored = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert stored["scores"]["dice"]["mean_difference"] == pytest.approx(d.mean())
     assert "| dice | 8 |" in (tmp_path / "out" / "compare.md").read_text()

@@ -186,6 +186,11 @@ def test_encoder_normalisation_is_the_default_and_follows_the_encoder_group() ->
     dm = instantiate(cfg.data)
     assert dm.mean == [0.5, 0.5, 0.5] and dm.std == [0.5, 0.5, 0.5]
     assert compose_config(["model=unet_scratch"]).data.encoder_name == "none"
+    # smp's advprop EfficientNet weights were trained on [-1, 1] inputs.
+    advprop = LGGDataModule("/tmp", encoder_name="efficientnet-b0", encoder_weights="advprop")
+    assert advprop.mean == [0.5, 0.5, 0.5] and "advprop" in advprop.normalization_source
+    imagenet = LGGDataModule("/tmp", encoder_name="efficientnet-b0", encoder_weights="imagenet")
+    assert imagenet.mean == [0.485, 0.456, 0.406]
     # A stored preprocessing (a checkpoint's) wins over any normalisation setting.
     stored = {"image_size": 96, "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
     dm = LGGDataModule("/tmp", normalization="dataset", preprocessing=stored)

@@ -284,6 +284,27 @@ def test_evaluate_user_errors(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_option_rows_keep_the_aux_heads_detection() -> None:
+    """Detection comes from the aux head's probabilities in every option row, never from the
+    (post-processed) masks: here the head says "tumour" on every slice while no mask is left."""
+    from tlunet.evaluate import score_volumes, volume_metrics
+
+    truth = np.zeros((4, 8, 8), np.uint8)
+    truth[:2, 2:5, 2:5] = 1  # 2 slices with tumour, 2 without
+    probs = np.full((4, 8, 8), 0.9, np.float32)
+    head = np.full(4, 0.8, np.float32)  # the head: tumour on all 4 slices
+    volumes = {0: Volume([1, 2, 3, 4], np.arange(4), probs, truth, head)}
+    gone = score_volumes(volumes, 0.5, ("min_size", 10_000))  # removes every component
+    values, _, _ = volume_metrics(gone, ["p"], per_patient=True)
+    assert values["dice"] == 0.0  # no mask left...
+    assert values["detect_accuracy"] == 0.5 and values["detect_sensitivity"] == 1.0  # ...head
+    without_head = {0: Volume([1, 2, 3, 4], np.arange(4), probs, truth, None)}
+    values, _, _ = volume_metrics(
+        score_volumes(without_head, 0.5, ("min_size", 10_000)), ["p"], True
+    )
+    assert values["detect_sensitivity"] == 0.0  # mask-based: nothing detected
+
+
 def test_detect_has_one_definition_per_run(synthetic_root_128: Path, tmp_path: Path) -> None:
     """With an aux head, detect_* come from the head in the run, in evaluate's baseline and in
     every option row (post-processing changes masks, not the head's answer)."""

@@ -307,7 +307,7 @@ def _gathered_metrics_worker(rank: int, world: int, init_file: str, out_dir: str
         share = list(DistributedSampler(range(len(probs)), world, rank, shuffle=False))
         results = {}
         for with_rows in (True, False):
-            m = SegmentationMetrics()
+            m = SegmentationMetrics(keras_batch=2)  # several Keras batches across processes
             for start in range(0, len(share), 2):
                 i = torch.tensor(share[start : start + 2])
                 m.update(probs[i], truth[i], patient[i], rows=i if with_rows else None)
@@ -326,7 +326,8 @@ def test_two_processes_equal_one_process(tmp_path: Path):
         join=True,
     )
     probs, truth, patient = _seven_slices()
-    reference = _computed(probs, truth, patient)
+    reference = _computed(probs, truth, patient, keras_batch=2)
+    assert reference["dice_keras_batch"] != _computed(probs, truth, patient)["dice_keras_batch"]
     for rank in (0, 1):
         results = json.loads((tmp_path / f"{rank}.json").read_text())
         assert results["True"] == pytest.approx(reference, abs=1e-12, nan_ok=True), rank

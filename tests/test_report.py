@@ -20,6 +20,7 @@ def _fake_run(
     dice: float,
     aux_head: bool = True,
     config_hash: str | None = None,
+    native: bool = True,
 ) -> None:
     d = root / name
     d.mkdir(parents=True)
@@ -38,6 +39,8 @@ def _fake_run(
         "aux_head": aux_head,
         "config_hash": config_hash or f"{model}-{encoder}",
     }
+    if native:  # tlunet >= 0.2.0 records the resolution its scores were computed at
+        info["scoring"] = {"resolution": [256, 256], "network_input": [64, 64]}
     (d / "run.json").write_text(json.dumps(info))
     metrics = {f"test/{k}": dice for k in ("dice", "iou", "dice_per_patient", "dice_per_image")}
     metrics |= {"test/dice_mean_paper": 0.99, "test/detect_accuracy": 0.9, "test/loss": 0.3}
@@ -93,3 +96,17 @@ def test_report_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "does not exist" in capsys.readouterr().err
     assert main([str(tmp_path)]) == 1
     assert "No runs under" in capsys.readouterr().err
+
+
+def test_runs_scored_before_native_resolution_are_never_averaged_with_new_ones(
+    tmp_path: Path,
+) -> None:
+    _fake_run(tmp_path, "new", "unet", "vgg16", 1, 0.60)
+    _fake_run(tmp_path, "old", "unet", "vgg16", 2, 0.90, native=False)
+    files = write_report(tmp_path)
+    rows = {r["run"]: r for r in csv.DictReader(open(files["csv"]))}
+    assert rows["new"]["scoring"] == "native"
+    assert rows["old"]["scoring"].startswith("network resolution")
+    md = files["md"].read_text()
+    assert "| unet | vgg16 | patient | 1 | 65.00 |" in md  # the new run alone, not (60+90)/2
+    assert "old (scored at network resolution (before tlunet 0.2.0))" in md

@@ -129,6 +129,7 @@ def test_killed_run_resumes_to_the_same_result(
         ("tampered", "Cannot load checkpoint .* safely"),
         ("overrides", r"drop the other overrides \['encoder=vgg16'\]"),
         ("moved", "was started in '/elsewhere/run': resume it there"),
+        ("before_native_scoring", "made by tlunet before 0.2.0"),
     ],
 )
 def test_resume_mistakes(case: str, message: str, tmp_path: Path) -> None:
@@ -149,6 +150,18 @@ def test_resume_mistakes(case: str, message: str, tmp_path: Path) -> None:
         torch.save({"state_dict": {}, "payload": Evil()}, run_dir / "checkpoints" / "last.ckpt")
     if case == "overrides":
         extra = ["encoder=vgg16"]
+    if case == "before_native_scoring":  # a checkpoint without "scoring": "native"
+        (run_dir / "config.yaml").write_text(f"paths:\n  output_dir: {run_dir}\n")
+        torch.save(
+            {
+                "state_dict": {},
+                "hyper_parameters": {"config": {"seed": 1}},
+                "epoch": 3,
+                "global_step": 30,
+                "tlunet": {"version": "0.1.0"},
+            },
+            run_dir / "checkpoints" / "last.ckpt",
+        )
     if case == "moved":
         (run_dir / "config.yaml").write_text("paths:\n  output_dir: /elsewhere/run\n")
         torch.save(

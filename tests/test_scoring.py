@@ -68,6 +68,7 @@ def check_native_scoring(run_dir: Path, root: Path, tmp_path: Path, *eval_overri
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert any(int(r["tumour_pixels_true"]) > 0 for r in rows)  # not a vacuous 0 == 0
     for row in rows:
         patient = root / row["patient"]
         truth = [_read_mask(p) for p in sorted(patient.glob("*_mask.tif"))]
@@ -98,8 +99,10 @@ def test_native_scoring_matches_predict_on_phantoms(
     assert info["scoring"]["network_input"] == [64, 64]
     metrics = check_native_scoring(tiny_run, synthetic_root_128, tmp_path)
     run_metrics = json.loads((tiny_run / "metrics.json").read_text())
-    # The run's own test metrics are at native resolution too: evaluate reproduces them.
-    for key in ("test/dice", "test/dice_per_patient", "test/num_slices"):
+    # The run's own test metrics are at native resolution too: evaluate reproduces them, on a
+    # test patient with tumour and a prediction that is neither empty nor everything.
+    assert 0 < run_metrics["test/dice"] < 1
+    for key in ("test/dice", "test/dice_per_patient", "test/num_slices", "test/dice_keras_batch"):
         assert metrics[key] == pytest.approx(run_metrics[key], abs=1e-6), key
 
 

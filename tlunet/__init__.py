@@ -2,7 +2,8 @@
 
 from omegaconf import OmegaConf
 
-__version__ = "0.1.0"
+#: 0.2.0: every score at the masks' native resolution (checkpoints say so: "scoring": "native").
+__version__ = "0.2.0"
 
 # ${tlunet.unless_resume:${resume},NORMAL,RESUMED}: NORMAL for a new run, RESUMED when the
 # command resumes a run (conf/hydra/default.yaml: the run directory is the resumed one).

@@ -94,16 +94,32 @@ def check_pairable(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def paired(a: dict[str, Any], b: dict[str, Any], names: list[str], key: str) -> dict[str, Any]:
-    """Paired statistics of score ``key`` over the patients where both values are finite."""
-    x = np.array([a["patients"][n][key] for n in names], dtype=np.float64)
-    y = np.array([b["patients"][n][key] for n in names], dtype=np.float64)
-    finite = np.isfinite(x) & np.isfinite(y)
-    x, y = x[finite], y[finite]
+    """Paired statistics of score ``key``: means, differences, interval and p over the patients
+    where both values are finite. An infinite HD95 (a tumour missed entirely, or one predicted
+    where there is none) is the worst score: such patients are counted per model
+    (``infinite_a``, ``infinite_b``) and in the wins and losses, never dropped silently. A
+    ``nan`` (nothing to measure for either) is left out."""
+    x_all = np.array([a["patients"][n][key] for n in names], dtype=np.float64)
+    y_all = np.array([b["patients"][n][key] for n in names], dtype=np.float64)
+    higher = SCORES[key]
+    # Wins and losses with inf as the worst value; nan pairs are not comparable.
+    comparable = ~(np.isnan(x_all) | np.isnan(y_all))
+    worst = -np.inf if higher else np.inf
+    xw = np.where(np.isinf(x_all), worst, x_all)[comparable]
+    yw = np.where(np.isinf(y_all), worst, y_all)[comparable]
+    finite = np.isfinite(x_all) & np.isfinite(y_all)
+    x, y = x_all[finite], y_all[finite]
+    counts = {
+        "infinite_a": int(np.isinf(x_all).sum()),
+        "infinite_b": int(np.isinf(y_all).sum()),
+        "b_better": int(((yw > xw) if higher else (yw < xw)).sum()),
+        "b_worse": int(((yw < xw) if higher else (yw > xw)).sum()),
+        "ties": int((yw == xw).sum()),
+    }
     if len(x) == 0:
-        return {"patients": 0}
+        return {"patients": 0, **counts}
     d = y - x
     low, high = mean_ci(d)
-    higher = SCORES[key]
     return {
         "patients": int(len(x)),
         "excluded_not_finite": int((~finite).sum()),
@@ -114,9 +130,7 @@ def paired(a: dict[str, Any], b: dict[str, Any], names: list[str], key: str) -> 
         "ci95_low": low,
         "ci95_high": high,
         "wilcoxon_p": wilcoxon_p(d),
-        "b_better": int(((d > 0) if higher else (d < 0)).sum()),
-        "b_worse": int(((d < 0) if higher else (d > 0)).sum()),
-        "ties": int((d == 0).sum()),
+        **counts,
         "higher_is_better": higher,
     }
 
@@ -138,17 +152,19 @@ def markdown(result: dict[str, Any]) -> str:
         "two-sided.",
         "",
         "| score | patients | mean A | mean B | mean difference (B - A) | 95 % interval "
-        "| Wilcoxon p | B better / worse / tied |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Wilcoxon p | B better / worse / tied | infinite in A / B |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, s in result["scores"].items():
+        wins = f"{s['b_better']} / {s['b_worse']} / {s['ties']}"
+        infinite = f"{s['infinite_a']} / {s['infinite_b']}"
         if not s.get("patients"):
-            lines.append(f"| {key} | 0 | n/a | n/a | n/a | n/a | n/a | n/a |")
+            lines.append(f"| {key} | 0 | n/a | n/a | n/a | n/a | n/a | {wins} | {infinite} |")
             continue
         lines.append(
             f"| {key} | {s['patients']} | {s['mean_a']:.4f} | {s['mean_b']:.4f} "
             f"| {s['mean_difference']:+.4f} | [{s['ci95_low']:+.4f}, {s['ci95_high']:+.4f}] "
-            f"| {s['wilcoxon_p']:.3g} | {s['b_better']} / {s['b_worse']} / {s['ties']} |"
+            f"| {s['wilcoxon_p']:.3g} | {wins} | {infinite} |"
         )
     dice = result["scores"]["dice"]
     lines += ["", result["verdict"], ""]
@@ -159,8 +175,9 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "HD95 is in pixels, lower is better; patients where either model has no finite HD95 "
-        "(a tumour missed, or none to find) are left out of its row.",
+        "HD95 is in pixels, lower is better. An infinite HD95 (a tumour missed entirely, or one "
+        "predicted where there is none) counts as the worst value in the wins and losses and "
+        "is listed per model; the means, interval and p are over the patients finite in both.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -554,7 +554,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             },
         },
         "preprocessing": datamodule.preprocessing,
-        "scoring": scoring_info(datamodule, module),
+        "scoring": scoring_info(datamodule, module, threshold=table[-1][1]),
         "environment": environment_info(),
     }
     write_json_atomic(out_dir / "evaluation.json", info)

@@ -293,6 +293,8 @@ class SegmentationModule(pl.LightningModule):
             "preprocessing": getattr(datamodule, "preprocessing", None),
             "patients": patients,
             "detect_source": self.detect_source,
+            # Validation scores at native resolution (tlunet >= 0.2.0): resumable with this code.
+            "scoring": "native",
             "rng": rng_state(),
         }
 

@@ -44,7 +44,17 @@ METRICS = (
 )
 #: Fields that identify a configuration; runs equal in these are seeds (or folds) of one
 #: configuration. ``config_hash`` leaves out the seed and ``data.fold``.
-GROUP_KEYS = ("model", "encoder", "encoder_weights", "split", "image_size", "config_hash")
+GROUP_KEYS = (
+    "model",
+    "encoder",
+    "encoder_weights",
+    "split",
+    "image_size",
+    "config_hash",
+    "scoring",
+)
+#: ``scoring`` of runs made before tlunet 0.2.0, which scored at the network's resolution.
+OLD_SCORING = "network resolution (before tlunet 0.2.0)"
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -88,6 +98,8 @@ def load_run(run_dir: Path, root: Path) -> dict[str, Any]:
         "paper_model": label,
         "aux_head": info.get("aux_head"),
         "config_hash": info.get("config_hash"),
+        # Never averaged with runs scored otherwise (GROUP_KEYS).
+        "scoring": "native" if (info.get("scoring") or {}).get("resolution") else OLD_SCORING,
     }
     for name in METRICS:
         row[name] = metrics.get(f"test/{name}")
@@ -211,6 +223,8 @@ def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], root: Pat
     for r in rows:
         cells = [_num(r[m]) for m in METRICS]
         status = "" if r["complete"] else " (incomplete)"
+        if r["scoring"] != "native":
+            status += f" (scored at {r['scoring']})"
         lines.append(
             f"| {r['run']}{status} | {r['model']} | {r['encoder']} | {r['split']} | {r['seed']} | {_num(r['fold'])} "
             f"| {r['epochs']} | " + " | ".join(cells) + f" | {_num(r['best_val'])} "

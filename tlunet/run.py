@@ -144,6 +144,13 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
         )
     if "epoch" not in checkpoint or "global_step" not in checkpoint:
         raise ConfigError(f"'{ckpt}' holds no training state (epoch, step): it cannot be resumed.")
+    if (checkpoint.get("tlunet") or {}).get("scoring") != "native":
+        # Its best score, LR schedule and early-stopping counter are on another scale.
+        raise ConfigError(
+            f"The run in '{run_dir}' was made by tlunet before 0.2.0, which scored validation "
+            "at the network's resolution: its best score and early-stopping state cannot be "
+            "compared with the native-resolution scores a resumed run computes. Start it again."
+        )
     run_cfg.resume = str(run_dir)
     return run_cfg, ckpt, (checkpoint["epoch"], checkpoint["global_step"])
 
@@ -205,14 +212,16 @@ def build_module(cfg: DictConfig, net: Any) -> Any:
     )
 
 
-def scoring_info(datamodule: Any, module: Any) -> dict[str, Any]:
-    """How a run's (or an evaluation's) numbers were computed, for run.json/evaluation.json."""
+def scoring_info(datamodule: Any, module: Any, threshold: float | None = None) -> dict[str, Any]:
+    """How a run's (or an evaluation's) numbers were computed, for run.json/evaluation.json;
+    ``threshold``: the one used, when not the module's."""
     size = getattr(datamodule, "native_size", None)
+    threshold = module.threshold if threshold is None else threshold
     return {
         "resolution": list(size) if size else None,
         "network_input": [datamodule.image_size, datamodule.image_size],
         "how": "probabilities resized bilinearly to the masks' native resolution, then "
-        f"thresholded at {module.threshold} (val, test, evaluate; the masks predict writes)",
+        f"thresholded at {threshold} (val, test, evaluate; the masks predict writes)",
         "train_metrics": "network resolution, augmented slices",
         "per_patient_metrics": bool(getattr(module, "per_patient", True)),
         "detect_source": getattr(module, "detect_source", "mask"),

@@ -25,8 +25,8 @@ def bootstrap_ci(
     seed: int = 0,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic(*samples)``, resampling the patients (the
-    rows shared by ``samples``, paired). ``(nan, nan)`` with fewer than two patients or when
-    every resample gives the same value (no spread to estimate)."""
+    rows shared by ``samples``, paired). ``(nan, nan)`` with fewer than two patients; ``(v, v)``
+    when every patient has the same value ``v`` (no spread)."""
     arrays = [np.asarray(s, dtype=np.float64) for s in samples]
     if len(arrays[0]) < 2:
         return float("nan"), float("nan")

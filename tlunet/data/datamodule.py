@@ -60,7 +60,8 @@ class LGGDataModule(pl.LightningDataModule):
             trained with: :func:`tlunet.models.preprocessing.encoder_preprocessing`; ImageNet's
             for encoders without pretrained weights), ``imagenet`` (ImageNet mean/std) or
             ``dataset`` (per-channel mean/std of the training split).
-        encoder_name: the model's encoder (``encoder.name``), for ``normalization=encoder``.
+        encoder_name, encoder_weights: the model's encoder (``encoder.name``) and weights tag
+            (``encoder.weights``), for ``normalization=encoder``.
         preprocessing: a trained model's ``{"image_size", "mean", "std"}`` (from its
             checkpoint): when given they replace ``image_size`` and ``normalization``, so a
             model is evaluated on exactly the input it was trained on, whatever the data.
@@ -94,6 +95,7 @@ class LGGDataModule(pl.LightningDataModule):
         on_error: str = "raise",
         seed: int = 0,
         encoder_name: str | None = None,
+        encoder_weights: str | None = None,
         preprocessing: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -167,7 +169,7 @@ class LGGDataModule(pl.LightningDataModule):
         elif normalization == "encoder":
             from tlunet.models.preprocessing import encoder_preprocessing
 
-            stats = encoder_preprocessing(encoder_name)
+            stats = encoder_preprocessing(encoder_name, encoder_weights)
             self.mean, self.std = stats["mean"], stats["std"]
             self.normalization_source = stats["source"]
 

@@ -31,11 +31,16 @@ _SMP_EXCEPTIONS: tuple[tuple[str, tuple[float, ...], tuple[float, ...]], ...] = 
 )
 
 
-def encoder_preprocessing(encoder_name: str | None) -> dict[str, Any]:
+def encoder_preprocessing(
+    encoder_name: str | None, encoder_weights: str | None = None
+) -> dict[str, Any]:
     """``{"mean", "std", "source"}`` the pretrained weights of ``encoder_name`` expect.
 
-    Encoders without pretrained weights (``none``, the from-scratch architectures) get the
-    ImageNet statistics, which keep inputs in a well-scaled range.
+    ``encoder_weights`` is the weights tag (``imagenet``, ``advprop``...); ``None`` (training
+    from scratch) takes the statistics of the encoder's ImageNet weights, so a pretrained and a
+    from-scratch run of one network see the same input. smp's ``advprop`` EfficientNet weights
+    expect mean = std = 0.5. Encoders without pretrained weights (``none``, the from-scratch
+    architectures) get the ImageNet statistics, which keep inputs in a well-scaled range.
     """
     name = (encoder_name or "none").strip()
     if name in ("none", ""):
@@ -62,6 +67,8 @@ def encoder_preprocessing(encoder_name: str | None) -> dict[str, Any]:
             "std": list(IMAGENET_STD),
             "source": f"ImageNet statistics (timm has no pretrained_cfg for '{timm_name}')",
         }
+    if encoder_weights == "advprop":
+        return {"mean": list(HALF), "std": list(HALF), "source": f"smp '{name}' advprop weights"}
     for prefix, mean, std in _SMP_EXCEPTIONS:
         if name.startswith(prefix):
             return {"mean": list(mean), "std": list(std), "source": f"smp '{name}' weights"}
