@@ -1,9 +1,11 @@
-"""Issue 3's acceptance: a multirun over the ten models of Table 1, then the report."""
+"""Studies: a multirun over the ten models of Table 1 with its report, cross-validation, and
+tlunet.study (arms x folds, pooled, compared, resumable)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 from .conftest import TINY_RUN, check_run_dir, run_cli
@@ -126,3 +128,39 @@ def test_three_fold_cross_validation_and_report(synthetic_root: Path, tmp_path: 
     assert " ± " in md.split("## All runs")[0]
     rows = list(csv.DictReader(open(sweep / "report.csv")))
     assert sorted(r["fold"] for r in rows) == ["0", "1", "2"]
+
+
+def test_study_runs_pools_compares_and_resumes(synthetic_root_128: Path, tmp_path: Path) -> None:
+    """tlunet.study: every arm on every fold, evaluated, pooled (each patient once) and compared
+    with the reference; run again, it skips what is done and resumes what was cut short."""
+    spec = tmp_path / "tiny.yaml"
+    common = "\n".join(f"  - {o}" for o in TINY_RUN)
+    spec.write_text(
+        f"name: tiny\nfolds: 2\ncommon:\n{common}\nreference: a\n"
+        "arms:\n  a: []\n  b: [optimizer.lr=1.0e-2]\n"
+    )
+    out = tmp_path / "study"
+    args = ["tlunet.study", str(spec), "--data-root", str(synthetic_root_128), "--out", str(out)]
+    result = run_cli([*args, "--jobs", "2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "study.json").read_text())
+    assert [r["complete"] for r in summary["per_fold"]] == [True] * 4
+    assert summary["pooled"]["a"]["patients"] == 6 == summary["pooled"]["b"]["patients"]
+    pooled = list(csv.DictReader(open(out / "a" / "pooled" / "per_patient.csv")))
+    assert len({r["patient"] for r in pooled}) == 6  # every patient a test patient once
+    assert summary["comparisons"]["b"]["dice"]["patients"] >= 1
+    assert (out / "compare" / "a_vs_b" / "compare.md").is_file()
+    text = (out / "study.md").read_text()
+    assert "| a | 6 |" in text and "reference" in text
+    # Cut one run short after the fact: its metrics and evaluation gone, its last.ckpt kept.
+    (out / "b" / "fold1" / "metrics.json").unlink()
+    shutil.rmtree(out / "b" / "fold1" / "evaluation")
+    before = (out / "a" / "fold0" / "metrics.json").stat().st_mtime_ns
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resume=" in (out / "logs" / "b_fold1.log").read_text()
+    assert (out / "b" / "fold1" / "metrics.json").is_file()
+    assert (out / "a" / "fold0" / "metrics.json").stat().st_mtime_ns == before  # skipped
+    missing = run_cli(["tlunet.study", "nosuch", "--data-root", str(tmp_path)], cwd=tmp_path)
+    assert missing.returncode == 1 and "known studies" in missing.stderr
+    assert "cpu_transfer" in missing.stderr
