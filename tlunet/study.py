@@ -134,9 +134,10 @@ def run_study(
     extra: list[str] | None = None,
     jobs: int = 1,
     command: str | None = None,
+    run: bool = True,
 ) -> dict[str, Any]:
     """Train and evaluate every (fold, arm) not done yet, fold by fold (``jobs`` at once);
-    pool and compare what is done."""
+    pool and compare what is done (only that with ``run=False``)."""
     folds = list(range(spec["folds"])) if folds is None else folds
     arms = list(spec["arms"]) if arms is None else arms
     unknown = [a for a in arms if a not in spec["arms"]]
@@ -145,7 +146,7 @@ def run_study(
     bad = [f for f in folds if not 0 <= f < spec["folds"]]
     if bad:
         raise TlunetError(f"Folds {bad} do not exist: the study has {spec['folds']} (0..).")
-    work = [(arm, fold) for fold in folds for arm in arms]
+    work = [(arm, fold) for fold in folds for arm in arms] if run else []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool_:
         results = pool_.map(lambda job: run_job(spec, job[0], job[1], root, out, extra or []), work)
         failures = [r for r in results if r]
@@ -357,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", help="only these arms, comma-separated (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="(arm, fold) runs at once (1)")
     parser.add_argument(
+        "--no-run", action="store_true", help="only summarise the runs already done"
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="extra tlunet.train overrides for new runs (key=value)"
     )
     args = parser.parse_args(argv)
@@ -370,7 +374,15 @@ def main(argv: list[str] | None = None) -> int:
         arms = args.arms.split(",") if args.arms else None
         command = "python -m tlunet.study " + shlex.join(sys.argv[1:] if argv is None else argv)
         summary = run_study(
-            spec, args.data_root, out, folds, arms, args.overrides, args.jobs, command
+            spec,
+            args.data_root,
+            out,
+            folds,
+            arms,
+            args.overrides,
+            args.jobs,
+            command,
+            run=not args.no_run,
         )
     except TlunetError as exc:
         print(f"tlunet error: {exc}", file=sys.stderr)
