@@ -158,7 +158,8 @@ def test_study_runs_pools_compares_and_resumes(synthetic_root_128: Path, tmp_pat
     before = (out / "a" / "fold0" / "metrics.json").stat().st_mtime_ns
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "resume=" in (out / "logs" / "b_fold1.log").read_text()
+    log = (out / "logs" / "b_fold1.log").read_text()
+    assert "resume=" in log and "accelerator=cpu" in log  # evaluated where it trained
     assert (out / "b" / "fold1" / "metrics.json").is_file()
     assert (out / "a" / "fold0" / "metrics.json").stat().st_mtime_ns == before  # skipped
     missing = run_cli(["tlunet.study", "nosuch", "--data-root", str(tmp_path)], cwd=tmp_path)

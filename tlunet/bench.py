@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -804,9 +805,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     slices_cache = str(cache / "slices")  # shared by the data/train/infer jobs (warm after start)
 
+    partial = out / "bench.partial.jsonl"
+    partial.unlink(missing_ok=True)
+
     def step(label: str, name: str, **kwargs: Any) -> dict[str, Any]:
         console.print(f"[dim]{time.perf_counter() - started:6.0f}s[/dim] {label}")
-        return run_isolated(name, **kwargs)
+        result = run_isolated(name, **kwargs)
+        # Each measurement is kept as soon as it exists: a bench cut short (a time limit, a
+        # lost machine) still leaves its figures, with the machine, in bench.partial.jsonl.
+        with open(partial, "a") as f:
+            f.write(json.dumps({"label": label, "machine": results["machine"], **result}) + "\n")
+        return result
 
     if "start" in sections:
         full = _full_size_root(cache, args.full_size)
@@ -891,6 +900,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = render(results)
     write_json_atomic(out / "bench.json", results)
     write_text_atomic(out / "bench.md", f"`{results['command']}`\n\n{text}")
+    partial.unlink(missing_ok=True)  # bench.json holds everything now
     print(text)
     console.print(
         f"Benchmark done in {results['total_s']:.0f} s: {out / 'bench.json'}, {out / 'bench.md'}"

@@ -112,10 +112,14 @@ def run_job(
             return f"{arm} fold {fold}: tlunet.train exited {status} (see {log})"
     eval_dir = run_dir / "evaluation"
     if not (eval_dir / "per_patient.csv").is_file():
+        # On the device the run trained on: a GPU run's evaluation on the CPU is slow.
+        trainer = OmegaConf.load(run_dir / "config.yaml").get("trainer") or {}
+        accelerator = "gpu" if trainer.get("accelerator") in ("gpu", "cuda") else "cpu"
         status = _run(
             [
                 "tlunet.evaluate",
                 f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}",
+                f"accelerator={accelerator}",
                 f"hydra.run.dir={eval_dir}",
             ],
             log,
