@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -115,3 +117,28 @@ def test_config_hash_ignores_seed_fold_and_run_directory() -> None:
     assert composed("seed=7", "data.fold=2") == base
     assert composed("optimizer.lr=0.001") != base
     assert composed("encoder=vgg16") != base
+
+
+def test_environment_says_whether_the_tree_differs_from_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run from an edited (or copied) tree records git_dirty: its git_commit alone would name
+    code that did not run."""
+    import subprocess
+
+    import tlunet
+    from tlunet import utils
+
+    repo = tmp_path / "repo"
+    package = repo / "tlunet"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "-C", str(repo), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "x"], check=True)
+    monkeypatch.setattr(tlunet, "__file__", str(package / "__init__.py"))
+    assert utils.git_dirty() is False and utils.git_commit()
+    (package / "__init__.py").write_text("x = 2\n")
+    info = utils.environment_info()
+    assert info["git_dirty"] is True and info["git_commit"] == utils.git_commit()

@@ -84,8 +84,25 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def git_dirty() -> bool | None:
+    """Whether tracked files of the tlunet source tree differ from its commit (then
+    ``git_commit`` alone does not say what ran); None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(tlunet.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def environment_info() -> dict[str, Any]:
-    """tlunet version, git commit, Python, platform and library versions."""
+    """tlunet version, git commit (and whether the tree differs from it), Python, platform and
+    library versions."""
     versions = {}
     for name in _LIBRARIES:
         try:
@@ -95,6 +112,7 @@ def environment_info() -> dict[str, Any]:
     return {
         "tlunet": tlunet.__version__,
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
