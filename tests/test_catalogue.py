@@ -233,6 +233,7 @@ def _assert_clean_failure(out, run_dir: Path, expected: str) -> None:
     assert not (run_dir / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing_mask", "truncated_tiff", "mask_values_128"])
 def test_train_stops_before_training_on_bad_data(case: str, data_copy: Path, tmp_path: Path):
     expected = DATA_CASES[case](data_copy)
@@ -247,6 +248,7 @@ def test_train_stops_before_training_on_bad_data(case: str, data_copy: Path, tmp
     assert not list((tmp_path / ".tlunet-cache").rglob("meta.json"))  # no cache of a bad set
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -281,6 +283,7 @@ def _break_two(root: Path) -> set[str]:
     return {str(_image(root, 2)), str(_mask(root, 4))}
 
 
+@pytest.mark.slow
 def test_skip_trains_and_lists_the_skipped_files(data_copy: Path, tmp_path: Path) -> None:
     broken = _break_two(data_copy)
     run_dir = tmp_path / "run"
@@ -343,6 +346,7 @@ def test_skip_still_raises_when_nothing_is_left(data_copy: Path) -> None:
 
 
 # -- python -m tlunet.data.check ---------------------------------------------------------------
+@pytest.mark.slow
 def test_check_clean_set(synthetic_root: Path, tmp_path: Path) -> None:
     out = run_cli(["tlunet.data.check", f"data.root={synthetic_root}"], cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -353,6 +357,7 @@ def test_check_clean_set(synthetic_root: Path, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # nothing written: no run directory, no cache
 
 
+@pytest.mark.slow
 def test_check_lists_every_problem(data_copy: Path, tmp_path: Path) -> None:
     expected = [missing_mask(data_copy), garbage_tiff(data_copy), different_size(data_copy)]
     out = run_cli(["tlunet.data.check", f"data.root={data_copy}"], cwd=tmp_path)

@@ -52,6 +52,7 @@ def test_local_launcher_config() -> None:
     assert cfg.hydra.launcher.tasks_per_node == 1
 
 
+@pytest.mark.slow
 def test_local_submitit_sweep(synthetic_root: Path, tmp_path: Path) -> None:
     """Two encoders as two submitit jobs on this machine: one run directory each."""
     sweep = tmp_path / "sweep"

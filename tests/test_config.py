@@ -9,8 +9,8 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
+from tlunet.builders import resolve_precision
 from tlunet.errors import ConfigError
-from tlunet.run import resolve_precision
 
 from .conftest import CONF_DIR, compose_config
 
@@ -63,13 +63,13 @@ def test_gpu_trainer_asks_for_mixed_precision() -> None:
 
 
 def test_precision_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tlunet.run
+    import tlunet.builders
 
     assert resolve_precision("32-true", "cpu") == "32-true"
     # "mixed" on the CPU: bf16 autocast only with bf16 matrix units (AMX), else fp32.
-    monkeypatch.setattr(tlunet.run, "cpu_has_bf16_matrix_units", lambda: True)
+    monkeypatch.setattr(tlunet.builders, "cpu_has_bf16_matrix_units", lambda: True)
     assert resolve_precision("mixed", "cpu") == "bf16-mixed"
-    monkeypatch.setattr(tlunet.run, "cpu_has_bf16_matrix_units", lambda: False)
+    monkeypatch.setattr(tlunet.builders, "cpu_has_bf16_matrix_units", lambda: False)
     assert resolve_precision("mixed", "cpu") == "32-true"
     assert compose_config(["trainer=cpu"]).trainer.precision == "mixed"
     if torch.cuda.is_available():

@@ -57,6 +57,7 @@ def _data_with_odd_test_split(synthetic_root: Path, dest: Path) -> tuple[Path, i
     return dest, len(slices)
 
 
+@pytest.mark.slow
 def test_two_process_run_equals_one_process_evaluation(
     synthetic_root: Path, tmp_path: Path
 ) -> None:

@@ -183,6 +183,7 @@ def test_evaluate_reproduces_the_run(tiny_run: Path, tmp_path: Path) -> None:
     assert "test/hd95_per_patient" in again and "test/volume_similarity_per_patient" in again
 
 
+@pytest.mark.slow
 def test_evaluate_options_reported_separately(tiny_run: Path, tmp_path: Path) -> None:
     eval_dir = tmp_path / "eval"
     out = run_cli(
@@ -253,6 +254,7 @@ def _tune_on_validation(ckpt: Path, tta: bool) -> tuple[float, float]:
     return best_threshold(volumes, parse_postprocess("largest_component"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["val", "all"])
 def test_auto_threshold_is_refused_where_it_would_be_tuned_on_the_scored_slices(
     tiny_run: Path, tmp_path: Path, stage: str
@@ -272,6 +274,7 @@ def test_auto_threshold_is_refused_where_it_would_be_tuned_on_the_scored_slices(
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_user_errors(tmp_path: Path) -> None:
     out = run_cli(["tlunet.evaluate", f"ckpt_path={tmp_path / 'nope.ckpt'}"], cwd=tmp_path)
     assert (
@@ -305,6 +308,7 @@ def test_option_rows_keep_the_aux_heads_detection() -> None:
     assert values["detect_sensitivity"] == 0.0  # mask-based: nothing detected
 
 
+@pytest.mark.slow
 def test_detect_has_one_definition_per_run(synthetic_root_128: Path, tmp_path: Path) -> None:
     """With an aux head, detect_* come from the head in the run, in evaluate's baseline and in
     every option row (post-processing changes masks, not the head's answer)."""
@@ -330,6 +334,7 @@ def test_detect_has_one_definition_per_run(synthetic_root_128: Path, tmp_path: P
     assert info["scoring"]["detect_source"] == "aux_head"
 
 
+@pytest.mark.slow
 def test_paper_split_reports_per_patient_metrics_as_not_applicable(
     synthetic_root_128: Path, tmp_path: Path
 ) -> None:

@@ -40,6 +40,7 @@ def test_export_matches_pytorch(tiny_run: Path, tmp_path: Path, fmt: str) -> Non
     assert np.abs(got - expected).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_export_unknown_format(tiny_run: Path, tmp_path: Path) -> None:
     ckpt = tiny_run / "checkpoints" / "best.ckpt"
     out = run_cli(["tlunet.export", f"ckpt_path={ckpt}", "format=tflite"], cwd=tmp_path)

@@ -317,6 +317,7 @@ def _gathered_metrics_worker(rank: int, world: int, init_file: str, out_dir: str
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path: Path):
     """Metrics gathered from 2 gloo processes, patients spread over both, equal one process's."""
     mp.spawn(

@@ -142,6 +142,7 @@ print("conv1_sum", float(net.encoder.conv1.weight.sum()))
 """
 
 
+@pytest.mark.slow
 def test_imagenet_weights_come_from_the_hub_cache(tmp_path: Path) -> None:
     """smp's own download mechanism, served from a pre-populated cache, offline."""
     encoder = build_model("unet", "resnet18", None).encoder

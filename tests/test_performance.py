@@ -120,6 +120,7 @@ def test_targets_are_judged_from_the_figures() -> None:
     assert any(t["met"] for t in evaluate_targets(results) if t["target"].startswith("data"))
 
 
+@pytest.mark.slow
 def test_evaluate_every_slice(tiny_run: Path, tmp_path: Path, synthetic_root_128: Path) -> None:
     out = run_cli(
         [
@@ -139,6 +140,7 @@ def test_evaluate_every_slice(tiny_run: Path, tmp_path: Path, synthetic_root_128
     assert 0 <= metrics["all/dice_per_patient"] <= 1
 
 
+@pytest.mark.slow
 def test_bench_command_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "kaggle_3m"
     shutil.copytree(synthetic_root, root)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import tifffile
 
 from .conftest import real_data_root, run_cli
@@ -32,6 +33,7 @@ def _check_outputs(source_files: list[Path], out: Path) -> None:
     assert sorted(p.stem for p in (out / "masks").iterdir()) == sorted(f.stem for f in source_files)
 
 
+@pytest.mark.slow
 def test_predict_patient_folder_file_and_png(
     tiny_run: Path, synthetic_root: Path, tmp_path: Path
 ) -> None:
@@ -53,6 +55,7 @@ def test_predict_patient_folder_file_and_png(
     _check_outputs([png], tmp_path / "pred_png")
 
 
+@pytest.mark.slow
 def test_predict_refuses_to_write_beside_inputs(
     tiny_run: Path, synthetic_root: Path, tmp_path: Path
 ) -> None:
@@ -64,6 +67,7 @@ def test_predict_refuses_to_write_beside_inputs(
     assert {p.name: p.read_bytes() for p in patient.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_predict_on_a_real_patient_folder(tiny_run: Path, tmp_path: Path) -> None:
     root = real_data_root()
     patient = root / "TCGA_CS_4943_20000902"

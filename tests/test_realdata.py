@@ -16,7 +16,7 @@ from tlunet.data.index import index_kaggle3m
 
 from .conftest import check_run_dir, real_data_root, run_cli
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 #: The acceptance command of issue 2, apart from where its outputs go.
 ACCEPTANCE = [

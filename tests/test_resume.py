@@ -62,6 +62,7 @@ def reference(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return run_dir
 
 
+@pytest.mark.slow
 def test_equal_seeds_give_identical_runs(reference: Path, synthetic_root: Path, tmp_path: Path):
     # No DataLoader workers instead of two: order and augmentations do not depend on them.
     metrics = _train(synthetic_root, tmp_path / "again", "data.num_workers=0")
@@ -76,6 +77,7 @@ def test_equal_seeds_give_identical_runs(reference: Path, synthetic_root: Path, 
     assert not _same_weights(_weights(tmp_path / "other"), _weights(reference))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(
     reference: Path, synthetic_root: Path, tmp_path: Path
 ) -> None:
@@ -101,7 +103,10 @@ def test_killed_run_resumes_to_the_same_result(
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert last.exists(), "the run ended or timed out before its first checkpoint"
-    killed_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    killed = torch.load(last, map_location="cpu", weights_only=True)
+    killed_at = killed["epoch"]
+    spent_before_kill = killed["tlunet"]["train_time_s"]
+    assert spent_before_kill > 0
     assert killed_at < EPOCHS - 1, "the run was not killed part way"
     assert not (run_dir / "metrics.json").exists()
 
@@ -114,12 +119,15 @@ def test_killed_run_resumes_to_the_same_result(
     assert _val_curve(run_dir) == _val_curve(reference)  # one log, no gap and no repeat
     run = json.loads((run_dir / "run.json").read_text())
     assert run["resumed_from"] == str(last) and run["epochs"] == EPOCHS
+    # The training time counts the killed process's share too, not only the resumed one's.
+    assert run["train_time_s"] > spent_before_kill
 
     # A finished run is not resumed again.
     again = run_cli(["tlunet.train", f"resume={run_dir}"], cwd=tmp_path)
     assert again.returncode == 1 and "is complete" in again.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "message"),
     [

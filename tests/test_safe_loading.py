@@ -48,6 +48,7 @@ def test_tampered_checkpoint_is_refused(tiny_run: Path, tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["tlunet.evaluate", "tlunet.predict", "tlunet.export"])
 def test_commands_refuse_tampered_and_foreign_files(
     command: str, tmp_path: Path, synthetic_root: Path

@@ -91,6 +91,7 @@ def check_native_scoring(run_dir: Path, root: Path, tmp_path: Path, *eval_overri
     return json.loads((eval_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_native_scoring_matches_predict_on_phantoms(
     tiny_run: Path, synthetic_root_128: Path, tmp_path: Path
 ) -> None:
@@ -106,6 +107,7 @@ def test_native_scoring_matches_predict_on_phantoms(
         assert metrics[key] == pytest.approx(run_metrics[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_native_scoring_matches_predict_on_the_real_sample(tmp_path: Path) -> None:
     root = real_data_root()
@@ -117,6 +119,7 @@ def test_native_scoring_matches_predict_on_the_real_sample(tmp_path: Path) -> No
     check_native_scoring(run_dir, root, tmp_path)
 
 
+@pytest.mark.slow
 def test_evaluate_uses_the_checkpoints_preprocessing(
     synthetic_root_128: Path, tmp_path: Path
 ) -> None:
@@ -142,6 +145,7 @@ def test_evaluate_uses_the_checkpoints_preprocessing(
     assert info["preprocessing"]["image_size"] == 64
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_patients_the_model_has_seen(tiny_run: Path, tmp_path: Path) -> None:
     info = json.loads((tiny_run / "run.json").read_text())
     n_train = len(info["patients"]["train"])

@@ -8,6 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from .conftest import TINY_RUN, check_run_dir, run_cli
 
 TABLE1 = [
@@ -24,6 +26,7 @@ TABLE1 = [
 ]
 
 
+@pytest.mark.slow
 def test_ten_model_study_and_report(synthetic_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "study"
     overrides = [o for o in TINY_RUN if not o.startswith("encoder=")]
@@ -77,6 +80,7 @@ def test_ten_model_study_and_report(synthetic_root: Path, tmp_path: Path) -> Non
     assert (sweep / "report.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_trials(synthetic_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "search"
     out = run_cli(
@@ -98,6 +102,7 @@ def test_optuna_search_runs_trials(synthetic_root: Path, tmp_path: Path) -> None
     assert "best_params" in best and "optimizer.lr" in best
 
 
+@pytest.mark.slow
 def test_three_fold_cross_validation_and_report(synthetic_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "cv"
     out = run_cli(
@@ -130,6 +135,7 @@ def test_three_fold_cross_validation_and_report(synthetic_root: Path, tmp_path: 
     assert sorted(r["fold"] for r in rows) == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_study_runs_pools_compares_and_resumes(synthetic_root_128: Path, tmp_path: Path) -> None:
     """tlunet.study: every arm on every fold, evaluated, pooled (each patient once) and compared
     with the reference; run again, it skips what is done and resumes what was cut short."""

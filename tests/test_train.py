@@ -32,6 +32,7 @@ def test_train_and_test_end_to_end(synthetic_root: Path, tmp_path: Path) -> None
     assert "Results in" in out.stdout and "data.root=" in out.stdout
 
 
+@pytest.mark.slow
 def test_multirun_gives_each_job_its_directory(synthetic_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     out = run_cli(
@@ -61,6 +62,7 @@ def _assert_user_error(out, *fragments: str) -> None:
     assert "Traceback" not in text, text[-3000:]
 
 
+@pytest.mark.slow
 def test_wrong_data_root(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_dir"
     out = run_cli(
@@ -71,11 +73,13 @@ def test_wrong_data_root(tmp_path: Path) -> None:
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_unset_data_root(tmp_path: Path) -> None:
     out = run_cli(["tlunet.train", *TINY_RUN, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
     _assert_user_error(out, "data.root is not set")
 
 
+@pytest.mark.slow
 def test_unknown_encoder_option_and_name(synthetic_root: Path, tmp_path: Path) -> None:
     out = run_cli(["tlunet.train", "encoder=densnet121"], cwd=tmp_path)
     assert out.returncode != 0
@@ -94,6 +98,7 @@ def test_unknown_encoder_option_and_name(synthetic_root: Path, tmp_path: Path) -
     _assert_user_error(out, "Unknown encoder 'densnet121'", "Did you mean: densenet121")
 
 
+@pytest.mark.slow
 def test_missing_mask_is_named(synthetic_root: Path, tmp_path: Path) -> None:
     data = tmp_path / "kaggle_3m"
     shutil.copytree(synthetic_root, data)
@@ -107,12 +112,14 @@ def test_missing_mask_is_named(synthetic_root: Path, tmp_path: Path) -> None:
     _assert_user_error(out, f"Missing mask for image '{image}'")
 
 
+@pytest.mark.slow
 def test_misspelled_key(tmp_path: Path) -> None:
     out = run_cli(["tlunet.train", "data.rot=/x"], cwd=tmp_path)
     assert out.returncode != 0
     assert "Key 'rot' is not in struct" in out.stderr
 
 
+@pytest.mark.slow
 def test_freezing_a_scratch_model_is_refused(synthetic_root: Path, tmp_path: Path) -> None:
     out = run_cli(
         [

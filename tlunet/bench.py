@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.resources
 import json
 import multiprocessing as mp
 import os
@@ -40,7 +41,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
-REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
+REPO_CONF = Path(str(importlib.resources.files("tlunet.conf")))
 REAL_DATA_ENV = "TLUNET_DATA_ROOT"
 FULL_SET_SLICES = 3929  # slices of the full kaggle_3m set (110 patients)
 SECTIONS = ("data", "start", "train", "infer")
@@ -908,5 +909,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script ``tlunet-bench``: ``main`` with the command line (its exit status 0)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

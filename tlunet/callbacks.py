@@ -1,21 +1,24 @@
 """tlunet's own Lightning extensions: callbacks, an atomic checkpoint writer, a resumable
-CSV logger."""
+CSV logger (``CSVLogger``, defined with Lightning's private parts in
+:mod:`tlunet.lightning_compat`)."""
 
 from __future__ import annotations
 
 import csv
-import io
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-from tlunet.utils import write_text_atomic
+from tlunet.lightning_compat import (  # noqa: F401  (CSVLogger, ModelCheckpoint: conf/)
+    CSVLogger,
+    ModelCheckpoint,
+    csv_rows,
+)
+from tlunet.utils import atomic_path, write_text_atomic
 from tlunet.viz import denormalize, plot_predictions
 
 log = logging.getLogger(__name__)
@@ -93,74 +96,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # on disk before it replaces the previous checkpoint
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer, but an existing ``metrics.csv`` is continued, not deleted, and a
-    process killed while saving never loses the rows already saved: Lightning's writer
-    truncates the file and writes it again whenever a new column appears (at the first
-    validation, the first train epoch...), so a kill in between left it empty. Here a new
-    header rewrites the file through a temporary file and a rename, and new rows are appended
-    in one ``write``."""
-
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = sorted(next(csv.reader(f), []))
-
-    def save(self) -> None:
-        if not self.metrics:
-            return
-        path = Path(self.metrics_file_path)
-        exists = path.is_file()
-        if self._record_new_keys() or not exists:
-            rows: list[dict[str, Any]] = []
-            if exists:
-                with open(path, newline="") as f:
-                    rows = list(csv.DictReader(f))
-            write_text_atomic(path, _csv_rows(self.metrics_keys, rows + self.metrics, header=True))
-        else:
-            data = _csv_rows(self.metrics_keys, self.metrics, header=False).encode()
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-            try:
-                while data:
-                    data = data[os.write(fd, data) :]
-            finally:
-                os.close(fd)
-        self.metrics = []
-
-
-def _csv_rows(fieldnames: list[str], rows: list[dict[str, Any]], header: bool) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fieldnames, lineterminator="\n")
-    if header:
-        writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-class CSVLogger(pl.loggers.CSVLogger):
-    """``csv/metrics.csv``, continued across a resumed run (``resume=DIR``)."""
-
-    @property
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
 
 
 def truncate_metrics_csv(path: Path, last_epoch: int, global_step: int) -> None:
@@ -180,4 +117,4 @@ def truncate_metrics_csv(path: Path, last_epoch: int, global_step: int) -> None:
         reader = csv.DictReader(f)
         fieldnames = list(reader.fieldnames or [])
         rows = [r for r in reader if kept(r)]
-    write_text_atomic(path, _csv_rows(fieldnames, rows, header=True))
+    write_text_atomic(path, csv_rows(fieldnames, rows, header=True))

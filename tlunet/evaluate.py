@@ -32,12 +32,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
 from tlunet.cli import user_errors_exit
 from tlunet.errors import ConfigError
+from tlunet.lightning_compat import extra_callback
 from tlunet.metrics import SegmentationMetrics
 from tlunet.postprocess import best_threshold, parse_postprocess, postprocess_volume
-from tlunet.run import build_module, scoring_info
-from tlunet.scoring import threshold_masks, to_native
+from tlunet.scoring import scoring_info, threshold_masks, to_native
 from tlunet.stats import global_dice_ci, mean_ci
 from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
 from tlunet.volume_metrics import dice_iou, hd95, volume_similarity
@@ -125,39 +126,6 @@ def flip_tta(
     if detect is None or flipped_detect is None:
         return mean, None
     return mean, (detect.float() + flipped_detect.float()) / 2
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A tlunet checkpoint, loaded without executing pickled code."""
-    path = Path(str(path)).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path '{path}' does not exist or is not a file.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(
-            f"Cannot load checkpoint '{path}' safely (weights_only): {type(exc).__name__}: {exc}"
-        ) from exc
-    config = checkpoint.get("hyper_parameters", {}).get("config")
-    if not config or "state_dict" not in checkpoint:
-        raise ConfigError(f"'{path}' is not a tlunet checkpoint (no stored run config).")
-    return checkpoint
-
-
-def module_from_checkpoint(checkpoint: dict[str, Any], run_cfg: DictConfig | None = None) -> Any:
-    """The trained LightningModule of ``checkpoint`` (built from its stored config), eval mode."""
-    run_cfg = run_cfg or OmegaConf.create(checkpoint["hyper_parameters"]["config"])
-    run_cfg = run_cfg.copy()
-    # The weights come from the checkpoint: never download encoder weights here.
-    for key in ("encoder_weights", "encoder_weights_path"):
-        if key in run_cfg.model.net:
-            run_cfg.model.net[key] = None
-    module = build_module(run_cfg, instantiate(run_cfg.model.net))
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as exc:
-        raise ConfigError(f"The checkpoint's weights do not match its own config: {exc}") from exc
-    return module.eval()
 
 
 def native_probs(volume: Volume) -> np.ndarray:
@@ -305,12 +273,8 @@ def volume_metrics(
 
 
 def _collect(trainer: pl.Trainer, module: Any, loader: Any, tta: bool) -> PredictionCollector:
-    collector = PredictionCollector(tta)
-    trainer.callbacks.append(collector)
-    try:
+    with extra_callback(trainer, PredictionCollector(tta)) as collector:
         trainer.test(module, dataloaders=loader, verbose=False)
-    finally:
-        trainer.callbacks.remove(collector)
     return collector
 
 
@@ -393,8 +357,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         everything = copy.copy(datamodule.datasets["test"])
         everything.rows = np.arange(len(datamodule.records), dtype=np.int64)
         datamodule.datasets["all"] = everything
-    if len(datamodule.datasets[cfg.stage]) == 0:
-        raise ConfigError(f"The {cfg.stage} stage of this split is empty.")
+    datamodule.require_stage(cfg.stage)
     evaluated = datamodule.patients if cfg.stage == "all" else datamodule.stage_patients(cfg.stage)
     seen = seen_patients(stored.get("patients"), evaluated)
     allow_seen = bool(options.get("allow_seen_patients", False))
@@ -573,7 +536,7 @@ def _cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="pkg://tlunet.conf", config_name="evaluate")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
 from tlunet.cli import user_errors_exit
 from tlunet.errors import ConfigError, TlunetError
-from tlunet.evaluate import load_checkpoint, module_from_checkpoint
 from tlunet.utils import write_json_atomic
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -86,7 +86,7 @@ def check_export(net: torch.nn.Module, path: Path, fmt: str, size: int, batch: i
     return float(np.abs(got - expected).max())
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="pkg://tlunet.conf", config_name="export")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     export(cfg)

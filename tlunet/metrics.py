@@ -62,6 +62,8 @@ import torchmetrics
 from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
 
+from tlunet.overlap import dice_from_counts, iou_from_counts
+
 __all__ = ["METRIC_KEYS", "PER_PATIENT_KEYS", "SegmentationMetrics", "prefixed"]
 
 METRIC_KEYS: tuple[str, ...] = (
@@ -109,20 +111,6 @@ _STATE_NAMES: tuple[str, ...] = (
 )
 #: The optional per-slice id state used to drop duplicated slices (see the module docstring).
 _ROWS_STATE = "rows"
-
-
-def _dice(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
-    """Dice = 2TP/(2TP+FP+FN) in float64, elementwise, with 0/0 -> 1."""
-    tp, fp, fn = tp.double(), fp.double(), fn.double()
-    den = 2 * tp + fp + fn
-    return torch.where(den > 0, 2 * tp / den.clamp_min(1), torch.ones_like(den))
-
-
-def _iou(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
-    """IoU = TP/(TP+FP+FN) in float64, elementwise, with 0/0 -> 1."""
-    tp, fp, fn = tp.double(), fp.double(), fn.double()
-    den = tp + fp + fn
-    return torch.where(den > 0, tp / den.clamp_min(1), torch.ones_like(den))
 
 
 def _ratio_or_nan(num: Tensor, den: Tensor) -> float:
@@ -293,8 +281,8 @@ class SegmentationMetrics(torchmetrics.Metric):
         # Pixel-level scores over the whole set.
         TP, FP, FN, TN = tp.sum(), fp.sum(), fn.sum(), tn.sum()
         total = (TP + FP + FN + TN).double()
-        dice, iou = _dice(TP, FP, FN), _iou(TP, FP, FN)
-        dice_bg, iou_bg = _dice(TN, FP, FN), _iou(TN, FP, FN)
+        dice, iou = dice_from_counts(TP, FP, FN), iou_from_counts(TP, FP, FN)
+        dice_bg, iou_bg = dice_from_counts(TN, FP, FN), iou_from_counts(TN, FP, FN)
         w_tumour = (TP + FN).double() / total
         w_bg = (TN + FP).double() / total
 
@@ -308,8 +296,8 @@ class SegmentationMetrics(torchmetrics.Metric):
             )
 
         p_tp, p_fp, p_fn = per_patient(tp), per_patient(fp), per_patient(fn)
-        dice_patient = _dice(p_tp, p_fp, p_fn)
-        iou_patient = _iou(p_tp, p_fp, p_fn)
+        dice_patient = dice_from_counts(p_tp, p_fp, p_fn)
+        iou_patient = iou_from_counts(p_tp, p_fp, p_fn)
         keras_dice, keras_iou = self._keras_batch(soft_inter, soft_pred, (tp + fn).double(), order)
 
         # Slice-level detection.
@@ -328,8 +316,8 @@ class SegmentationMetrics(torchmetrics.Metric):
             "dice_mean_macro": (dice_bg + dice) / 2,
             "iou_mean_macro": (iou_bg + iou) / 2,
             "pixel_accuracy": (TP + TN).double() / total,
-            "dice_per_image": _dice(tp, fp, fn).mean(),
-            "iou_per_image": _iou(tp, fp, fn).mean(),
+            "dice_per_image": dice_from_counts(tp, fp, fn).mean(),
+            "iou_per_image": iou_from_counts(tp, fp, fn).mean(),
             "dice_keras_batch": keras_dice,
             "iou_keras_batch": keras_iou,
             "dice_per_patient": dice_patient.mean(),

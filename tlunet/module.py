@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -74,6 +75,7 @@ class SegmentationModule(pl.LightningModule):
         compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
+        self._train_time_before = 0.0  # fit() seconds of the runs this one resumed
         if isinstance(run_config, DictConfig):  # plain containers load with weights_only=True
             run_config = OmegaConf.to_container(run_config, resolve=True)
         self.save_hyperparameters(
@@ -163,6 +165,7 @@ class SegmentationModule(pl.LightningModule):
             self.set_encoder_frozen(frozen)
 
     def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
         if (
             self.freeze_encoder
             and self.unfreeze_at_epoch is not None
@@ -296,14 +299,26 @@ class SegmentationModule(pl.LightningModule):
             # Validation scores at native resolution (tlunet >= 0.2.0): resumable with this code.
             "scoring": "native",
             "rng": rng_state(),
+            # Wall time spent in fit() up to this checkpoint, over every resume.
+            "train_time_s": self.train_time_s(),
         }
+
+    def train_time_s(self) -> float:
+        """Seconds spent in ``fit()`` so far: this process's share plus that of the runs it
+        resumed (from the checkpoint); 0 before ``fit()``."""
+        started = getattr(self, "_fit_started", None)
+        here = time.perf_counter() - started if started is not None else 0.0
+        return self._train_time_before + here
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming a fit: the random streams continue where the checkpoint left them, so the
         # resumed run computes what the uninterrupted one would have.
-        state = (checkpoint.get("tlunet") or {}).get("rng")
-        if state and self._trainer is not None and self.trainer.state.fn == "fit":
-            set_rng_state(state)
+        section = checkpoint.get("tlunet") or {}
+        state = section.get("rng")
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            if state:
+                set_rng_state(state)
+            self._train_time_before = float(section.get("train_time_s") or 0.0)
 
 
 def rng_state() -> dict[str, Any]:

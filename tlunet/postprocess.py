@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from tlunet.errors import ConfigError
+from tlunet.overlap import dice_from_counts
 
 
 def parse_postprocess(spec: str | None) -> tuple[str, int] | None:
@@ -69,8 +70,7 @@ def best_threshold(
             tp += int(np.count_nonzero(pred & truth))
             fp += int(np.count_nonzero(pred & ~truth))
             fn += int(np.count_nonzero(~pred & truth))
-        denom = 2 * tp + fp + fn
-        dice = 1.0 if denom == 0 else 2 * tp / denom
+        dice = dice_from_counts(tp, fp, fn)
         if dice > best[1]:
             best = (float(threshold), dice)
     return best

@@ -24,11 +24,11 @@ import tifffile
 import torch
 from omegaconf import DictConfig
 
+from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
 from tlunet.cli import user_errors_exit
 from tlunet.data.cache import read_image
 from tlunet.data.transforms import build_transform
 from tlunet.errors import ConfigError, DataError
-from tlunet.evaluate import load_checkpoint, module_from_checkpoint
 from tlunet.scoring import native_masks
 from tlunet.utils import csv_text, write_text_atomic
 
@@ -134,7 +134,7 @@ def predict(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="pkg://tlunet.conf", config_name="predict")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     predict(cfg)

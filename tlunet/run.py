@@ -11,17 +11,24 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from tlunet.callbacks import AtomicCheckpointIO, truncate_metrics_csv
+from tlunet.builders import (  # noqa: F401  (re-exported: tlunet.run's former home)
+    _instantiate_dict,
+    build_module,
+    build_trainer,
+    cpu_has_bf16_matrix_units,
+    resolve_precision,
+)
+from tlunet.callbacks import truncate_metrics_csv
+from tlunet.checkpoint import load_checkpoint
 from tlunet.errors import ConfigError
 from tlunet.metrics import PER_PATIENT_KEYS
-from tlunet.models import MODELS, count_parameters
-from tlunet.models.aux_head import AuxHead, deepest_channels
+from tlunet.models import count_parameters
+from tlunet.scoring import scoring_info
 from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
 from tlunet.viz import plot_training_curves
 
@@ -38,56 +45,6 @@ REQUIRED_TEST_METRICS = (
     "test/dice_per_patient",
     "test/loss",
 )
-
-
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU has bf16 matrix units (Intel AMX: ``amx_bf16`` in /proc/cpuinfo), where
-    bf16 autocast speeds up convolutions; elsewhere bf16 on the CPU is emulated and slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any("amx_bf16" in line for line in f if line.startswith("flags"))
-    except OSError:
-        return False
-
-
-def resolve_precision(precision: Any, accelerator: str) -> Any:
-    """``mixed`` -> on a GPU, ``bf16-mixed`` where it supports bf16, else ``16-mixed``; on the
-    CPU, ``bf16-mixed`` where it has bf16 matrix units (AMX), else ``32-true``."""
-    if str(precision) != "mixed":
-        return precision
-    if accelerator == "cpu" or not torch.cuda.is_available():
-        if accelerator in ("gpu", "cuda"):
-            raise ConfigError(
-                "trainer=gpu was asked for but no CUDA GPU is visible "
-                "(torch.cuda.is_available() is False). Use trainer=cpu for the CPU."
-            )
-        return "bf16-mixed" if cpu_has_bf16_matrix_units() else "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-
-
-def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every non-null ``_target_`` entry of a dict config (callbacks, loggers)."""
-    if not cfg:
-        return []
-    return [instantiate(v) for v in cfg.values() if v is not None and "_target_" in v]
-
-
-def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
-    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.accelerator)
-    if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto"):
-        torch.set_float32_matmul_precision("high")
-    overrides = {}
-    if cfg.trainer.get("sync_batchnorm") and cfg.trainer.accelerator == "cpu":
-        log.warning("trainer.sync_batchnorm needs CUDA (torch's SyncBatchNorm): off on the CPU.")
-        overrides["sync_batchnorm"] = False
-    return instantiate(
-        cfg.trainer,
-        precision=precision,
-        callbacks=callbacks,
-        logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
-        **overrides,
-    )
 
 
 def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
@@ -131,8 +88,6 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
             raise ConfigError(
                 f"resume= continues a run with its own config; drop the other overrides {others}."
             )
-    from tlunet.evaluate import load_checkpoint  # weights_only: refuses foreign pickles
-
     checkpoint = load_checkpoint(ckpt)
     run_cfg = OmegaConf.load(stored)
     first_dir = Path(str(run_cfg.paths.output_dir)).resolve()
@@ -153,11 +108,6 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
         )
     run_cfg.resume = str(run_dir)
     return run_cfg, ckpt, (checkpoint["epoch"], checkpoint["global_step"])
-
-
-def _has_pretrained_encoder(cfg: DictConfig, net: Any) -> bool:
-    builder = MODELS.get(cfg.model.net.get("arch", ""))
-    return hasattr(net, "encoder") and getattr(builder, "pretrained_encoder", True)
 
 
 #: Config keys that do not change what a run computes: left out of ``config_hash``.
@@ -181,51 +131,6 @@ def config_hash(cfg: DictConfig) -> str:
     container["trainer"] = trainer
     text = json.dumps(container, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def build_module(cfg: DictConfig, net: Any) -> Any:
-    """The LightningModule of ``cfg`` around ``net``: loss, optimiser, scheduler, aux head,
-    freezing, and the composed config (stored in checkpoints)."""
-    aux_head = None
-    if cfg.model.get("aux_head"):
-        aux_head = AuxHead(deepest_channels(net), hidden=cfg.model.get("aux_hidden", 256))
-    if cfg.model.get("freeze_encoder") and not _has_pretrained_encoder(cfg, net):
-        raise ConfigError(
-            f"model.freeze_encoder=true: model '{cfg.model.name}' has no pretrained encoder "
-            "to keep frozen (it is trained from scratch)."
-        )
-    return instantiate(
-        cfg.module,
-        _recursive_=False,
-        per_patient=cfg.data.get("split") != "paper",
-        aux_head=aux_head,
-        aux_loss_weight=cfg.model.get("aux_loss_weight", 0.2),
-        freeze_encoder=bool(cfg.model.get("freeze_encoder", False)),
-        unfreeze_at_epoch=cfg.model.get("unfreeze_at_epoch"),
-        channels_last=bool(cfg.model.get("channels_last", False)),
-        compile=cfg.model.get("compile", False) or False,
-        net=net,
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        run_config=OmegaConf.to_container(cfg, resolve=True),
-    )
-
-
-def scoring_info(datamodule: Any, module: Any, threshold: float | None = None) -> dict[str, Any]:
-    """How a run's (or an evaluation's) numbers were computed, for run.json/evaluation.json;
-    ``threshold``: the one used, when not the module's."""
-    size = getattr(datamodule, "native_size", None)
-    threshold = module.threshold if threshold is None else threshold
-    return {
-        "resolution": list(size) if size else None,
-        "network_input": [datamodule.image_size, datamodule.image_size],
-        "how": "probabilities resized bilinearly to the masks' native resolution, then "
-        f"thresholded at {threshold} (val, test, evaluate; the masks predict writes)",
-        "train_metrics": "network resolution, augmented slices",
-        "per_patient_metrics": bool(getattr(module, "per_patient", True)),
-        "detect_source": getattr(module, "detect_source", "mask"),
-    }
 
 
 def check_monitor(cfg: DictConfig) -> None:
@@ -277,20 +182,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             len(skipped),
             run_dir / "skipped_files.csv",
         )
-    if cfg.get("test", True) and len(datamodule.datasets["test"]) == 0:
-        raise ConfigError(
-            f"The {cfg.data.split} split of '{cfg.data.root}' leaves the test stage empty; "
-            "change data.split_fractions or pass test=false."
-        )
+    if cfg.get("test", True):
+        datamodule.require_stage("test")
     net = instantiate(cfg.model.net)
     module = build_module(cfg, net)
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
 
-    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    train_time = time.perf_counter() - started
+    # Over every resume: a resumed run adds the time its checkpoint had already spent.
+    train_time = module.train_time_s()
 
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else ""

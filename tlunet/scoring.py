@@ -11,6 +11,7 @@ the same thing whatever size the network ran at, and ``evaluate`` scores exactly
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,3 +45,19 @@ def threshold_masks(probs: Tensor, threshold: float) -> Tensor:
 def native_masks(probs: Tensor, size: Sequence[int], threshold: float) -> Tensor:
     """:func:`to_native` then :func:`threshold_masks`: (N, 1, H, W) bool."""
     return threshold_masks(to_native(probs, size), threshold)
+
+
+def scoring_info(datamodule: Any, module: Any, threshold: float | None = None) -> dict[str, Any]:
+    """How a run's (or an evaluation's) numbers were computed, for run.json/evaluation.json;
+    ``threshold``: the one used, when not the module's."""
+    size = getattr(datamodule, "native_size", None)
+    threshold = module.threshold if threshold is None else threshold
+    return {
+        "resolution": list(size) if size else None,
+        "network_input": [datamodule.image_size, datamodule.image_size],
+        "how": "probabilities resized bilinearly to the masks' native resolution, then "
+        f"thresholded at {threshold} (val, test, evaluate; the masks predict writes)",
+        "train_metrics": "network resolution, augmented slices",
+        "per_patient_metrics": bool(getattr(module, "per_patient", True)),
+        "detect_source": getattr(module, "detect_source", "mask"),
+    }

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import stats
 
+from tlunet.overlap import dice_from_counts
+
 #: Resamples of every bootstrap interval (percentile method, seed 0).
 N_RESAMPLES = 10_000
 
@@ -53,8 +55,7 @@ def mean_ci(values: Sequence[float], **kwargs) -> tuple[float, float]:
 
 def global_dice(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> float:
     """Dice 2TP/(2TP+FP+FN) of summed counts (1 when all are zero)."""
-    t, p, n = float(np.sum(tp)), float(np.sum(fp)), float(np.sum(fn))
-    return 1.0 if 2 * t + p + n == 0 else 2 * t / (2 * t + p + n)
+    return dice_from_counts(float(np.sum(tp)), float(np.sum(fp)), float(np.sum(fn)))
 
 
 def global_dice_ci(

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from tlunet.errors import TlunetError
 from tlunet.stats import global_dice, global_dice_ci, mean_ci
 from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
 
-CONF_STUDIES = Path(__file__).resolve().parents[1] / "conf" / "study"
+CONF_STUDIES = Path(str(resources.files("tlunet.conf") / "study"))
 
 
 def load_spec(name_or_path: str) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def _summary(result: dict) -> None:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://tlunet.conf", config_name="train")
 @user_errors_exit
 def main(cfg: DictConfig) -> float | None:
     result = train(cfg)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from tlunet.overlap import dice_from_counts, iou_from_counts
+
 
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Voxels of ``mask`` with at least one face-neighbour outside it."""
@@ -57,6 +59,4 @@ def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     tp = float(np.logical_and(pred, truth).sum())
     fp = float(np.logical_and(pred, ~truth.astype(bool)).sum())
     fn = float(np.logical_and(~pred.astype(bool), truth).sum())
-    if tp + fp + fn == 0:
-        return 1.0, 1.0
-    return 2 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn)
+    return dice_from_counts(tp, fp, fn), iou_from_counts(tp, fp, fn)

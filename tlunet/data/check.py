@@ -100,17 +100,11 @@ def check_dataset(datamodule: LGGDataModule) -> CheckReport:
             len({kept[i].patient for i in rows[stage]}),
         )
     if not len(rows["test"]):
-        report.fatal.append(
-            problem(
-                root,
-                f"The {datamodule.split} split of '{root}' leaves the test stage empty; change "
-                "data.split_fractions (or train with test=false).",
-            )
-        )
+        report.fatal.append(problem(root, datamodule.empty_stage_message("test")))
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="check")
+@hydra.main(version_base="1.3", config_path="pkg://tlunet.conf", config_name="check")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     datamodule = instantiate(cfg.data)  # validates the data settings

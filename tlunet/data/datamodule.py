@@ -27,6 +27,7 @@ from tlunet.data.splits import (
 from tlunet.data.synthetic import write_synthetic_dataset
 from tlunet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, channel_stats
 from tlunet.errors import ConfigError, DataError
+from tlunet.lightning_compat import epochs_processed
 
 log = logging.getLogger(__name__)
 
@@ -252,11 +253,20 @@ class LGGDataModule(pl.LightningDataModule):
             }
         for name in ("train", "val"):
             if len(rows[name]) == 0:
-                raise DataError(
-                    f"The {self.split} split of '{self.root}' leaves the {name} stage empty; "
-                    "add data or change data.split_fractions."
-                )
+                raise DataError(self.empty_stage_message(name))
         return rows
+
+    def empty_stage_message(self, stage: str) -> str:
+        """The one message for a stage of the split with no slice (train, val, test...)."""
+        advice = "add data or change data.split_fractions"
+        if stage == "test":
+            advice += " (or train with test=false)"
+        return f"The {self.split} split of '{self.root}' leaves the {stage} stage empty; {advice}."
+
+    def require_stage(self, stage: str) -> None:
+        """Raise :class:`DataError` when ``stage`` (of the set-up datasets) holds no slice."""
+        if len(self.datasets[stage]) == 0:
+            raise DataError(self.empty_stage_message(stage))
 
     @property
     def preprocessing(self) -> dict[str, Any]:
@@ -291,7 +301,7 @@ class LGGDataModule(pl.LightningDataModule):
             # run has restored by now.
             trainer = getattr(self, "trainer", None)
             if trainer is not None:
-                sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+                sampler.set_epoch(epochs_processed(trainer))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -321,9 +331,5 @@ class LGGDataModule(pl.LightningDataModule):
         return self.dataloader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        if len(self.datasets["test"]) == 0:
-            raise DataError(
-                f"The {self.split} split of '{self.root}' leaves the test stage empty; "
-                "change data.split_fractions."
-            )
+        self.require_stage("test")
         return self.dataloader("test", shuffle=False)

@@ -54,6 +54,8 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
+from tlunet.utils import write_json_atomic
+
 __all__ = [
     "FORMAT_VERSION",
     "MARKER_NAME",
@@ -440,9 +442,7 @@ def write_synthetic_dataset(
         "patients": patients,
         "lesion_slices": lesions,
     }
-    tmp = root / (MARKER_NAME + ".tmp")
-    tmp.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(root / MARKER_NAME)  # marker last (atomically): its presence means "complete"
+    write_json_atomic(root / MARKER_NAME, marker)  # last: its presence means "complete"
     return root
 
 

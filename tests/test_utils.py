@@ -1,0 +1,51 @@
+"""tlunet.utils: the one atomic writer every result file and checkpoint goes through."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from tlunet.utils import atomic_path, write_json_atomic, write_text_atomic
+
+
+def test_atomic_path_replaces_the_file_only_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "result.txt"
+    write_text_atomic(target, "first\n")
+    assert target.read_text() == "first\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644  # readable by colleagues
+
+    with pytest.raises(RuntimeError, match="disk full"), atomic_path(target) as tmp:
+        tmp.write_text("half a fil")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "first\n"  # the previous content, never a half-written one
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.txt"]  # no temp left
+
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_text("second\n")
+        assert target.read_text() == "first\n"  # not visible before the rename
+    assert target.read_text() == "second\n"
+
+
+def test_json_writer_turns_non_finite_numbers_into_null(tmp_path: Path) -> None:
+    path = write_json_atomic(tmp_path / "m.json", {"b": float("nan"), "a": [1.5, float("inf")]})
+    assert path.read_text() == '{\n  "a": [\n    1.5,\n    null\n  ],\n  "b": null\n}\n'
+
+
+def test_one_dice_and_iou_for_numbers_arrays_and_tensors() -> None:
+    import numpy as np
+    import torch
+
+    from tlunet.overlap import dice_from_counts, iou_from_counts
+
+    assert dice_from_counts(3, 1, 1) == pytest.approx(0.75)  # 6 / 8
+    assert iou_from_counts(3, 1, 1) == pytest.approx(0.6)
+    assert dice_from_counts(0, 0, 0) == 1.0 and iou_from_counts(0, 0, 0) == 1.0  # both empty
+    assert dice_from_counts(0, 2, 0) == 0.0
+    counts = ([3, 0, 0], [1, 0, 4], [1, 0, 0])
+    expected = [0.75, 1.0, 0.0]
+    assert np.allclose(dice_from_counts(*map(np.array, counts)), expected)
+    tensor = dice_from_counts(*(torch.tensor(c) for c in counts))
+    assert tensor.dtype == torch.float64 and torch.allclose(tensor, torch.tensor(expected).double())

@@ -1,0 +1,104 @@
+"""Build what a run is made of from its config: the LightningModule, the Trainer (with its
+precision resolved for the machine), callbacks and loggers. Used by ``tlunet.train``, by the
+checkpoint loader of ``evaluate``/``predict``/``export``, and by the benchmark."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tlunet.callbacks import AtomicCheckpointIO
+from tlunet.errors import ConfigError
+from tlunet.models import MODELS
+from tlunet.models.aux_head import AuxHead, deepest_channels
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU has bf16 matrix units (Intel AMX: ``amx_bf16`` in /proc/cpuinfo), where
+    bf16 autocast speeds up convolutions; elsewhere bf16 on the CPU is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any("amx_bf16" in line for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def resolve_precision(precision: Any, accelerator: str) -> Any:
+    """``mixed`` -> on a GPU, ``bf16-mixed`` where it supports bf16, else ``16-mixed``; on the
+    CPU, ``bf16-mixed`` where it has bf16 matrix units (AMX), else ``32-true``."""
+    if str(precision) != "mixed":
+        return precision
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        if accelerator in ("gpu", "cuda"):
+            raise ConfigError(
+                "trainer=gpu was asked for but no CUDA GPU is visible "
+                "(torch.cuda.is_available() is False). Use trainer=cpu for the CPU."
+            )
+        return "bf16-mixed" if cpu_has_bf16_matrix_units() else "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every non-null ``_target_`` entry of a dict config (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [instantiate(v) for v in cfg.values() if v is not None and "_target_" in v]
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.accelerator)
+    if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto"):
+        torch.set_float32_matmul_precision("high")
+    overrides = {}
+    if cfg.trainer.get("sync_batchnorm") and cfg.trainer.accelerator == "cpu":
+        log.warning("trainer.sync_batchnorm needs CUDA (torch's SyncBatchNorm): off on the CPU.")
+        overrides["sync_batchnorm"] = False
+    return instantiate(
+        cfg.trainer,
+        precision=precision,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        **overrides,
+    )
+
+
+def _has_pretrained_encoder(cfg: DictConfig, net: Any) -> bool:
+    builder = MODELS.get(cfg.model.net.get("arch", ""))
+    return hasattr(net, "encoder") and getattr(builder, "pretrained_encoder", True)
+
+
+def build_module(cfg: DictConfig, net: Any) -> Any:
+    """The LightningModule of ``cfg`` around ``net``: loss, optimiser, scheduler, aux head,
+    freezing, and the composed config (stored in checkpoints)."""
+    aux_head = None
+    if cfg.model.get("aux_head"):
+        aux_head = AuxHead(deepest_channels(net), hidden=cfg.model.get("aux_hidden", 256))
+    if cfg.model.get("freeze_encoder") and not _has_pretrained_encoder(cfg, net):
+        raise ConfigError(
+            f"model.freeze_encoder=true: model '{cfg.model.name}' has no pretrained encoder "
+            "to keep frozen (it is trained from scratch)."
+        )
+    return instantiate(
+        cfg.module,
+        _recursive_=False,
+        per_patient=cfg.data.get("split") != "paper",
+        aux_head=aux_head,
+        aux_loss_weight=cfg.model.get("aux_loss_weight", 0.2),
+        freeze_encoder=bool(cfg.model.get("freeze_encoder", False)),
+        unfreeze_at_epoch=cfg.model.get("unfreeze_at_epoch"),
+        channels_last=bool(cfg.model.get("channels_last", False)),
+        compile=cfg.model.get("compile", False) or False,
+        net=net,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
