@@ -66,10 +66,10 @@ def test_precision_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     import tlunet.builders
 
     assert resolve_precision("32-true", "cpu") == "32-true"
-    # "mixed" on the CPU: bf16 autocast only with bf16 matrix units (AMX), else fp32.
-    monkeypatch.setattr(tlunet.builders, "cpu_has_bf16_matrix_units", lambda: True)
+    # "mixed" on the CPU: bf16 autocast only with bf16 instructions (AMX, AVX512-BF16), else fp32.
+    monkeypatch.setattr(tlunet.builders, "cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("mixed", "cpu") == "bf16-mixed"
-    monkeypatch.setattr(tlunet.builders, "cpu_has_bf16_matrix_units", lambda: False)
+    monkeypatch.setattr(tlunet.builders, "cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("mixed", "cpu") == "32-true"
     assert compose_config(["trainer=cpu"]).trainer.precision == "mixed"
     if torch.cuda.is_available():

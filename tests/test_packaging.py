@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -130,6 +131,19 @@ def test_configuration_is_read_from_the_package() -> None:
 
 @pytest.mark.slow
 def test_wheel_installed_in_a_fresh_venv_trains_from_another_directory(tmp_path: Path) -> None:
+    # Built from a copy of the source files: setuptools writes build/ and *.egg-info beside them.
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    source = tmp_path / "source"
+    for name in files:
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     dist = tmp_path / "dist"
     built = subprocess.run(
         [
@@ -141,7 +155,7 @@ def test_wheel_installed_in_a_fresh_venv_trains_from_another_directory(tmp_path:
             "--no-build-isolation",
             "-w",
             dist,
-            REPO,
+            source,
         ],
         capture_output=True,
         text=True,

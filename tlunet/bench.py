@@ -443,7 +443,7 @@ def machine_info(device: str) -> dict[str, Any]:
     import torch
 
     import tlunet
-    from tlunet.run import cpu_has_bf16_matrix_units
+    from tlunet.builders import cpu_bf16_flags
     from tlunet.utils import git_commit
 
     cpu_model = None
@@ -458,7 +458,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": cpu_model or platform.processor(),
-        "cpu_bf16_matrix_units": cpu_has_bf16_matrix_units(),  # AMX: bf16-mixed is fast
+        "cpu_bf16_flags": cpu_bf16_flags(),  # amx_bf16 / avx512_bf16: bf16-mixed is fast
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -509,9 +509,8 @@ def _train_section(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Bare and Lightning runs, alternated ``--repeats`` times per case; rows and ratios."""
     encoders = args.encoders.split(",")
-    # bf16-mixed on the CPU: autocast with bf16 matrix units (AMX) where the CPU has them, an
-    # emulation elsewhere; measured on every CPU so the figure says which (trainer=cpu's "mixed"
-    # picks it only with AMX).
+    # bf16-mixed on the CPU: fast with AMX or AVX512-BF16, an emulation elsewhere; measured on
+    # every CPU so the figure says which (trainer=cpu's "mixed" picks it only with those).
     precisions = args.precisions or (
         "32-true,mixed" if args.device == "cuda" else "32-true,bf16-mixed"
     )
@@ -625,7 +624,7 @@ def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     parts = [
         f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, {m['memory_gb']} GiB, "
-        f"bf16 matrix units (AMX): {'yes' if m.get('cpu_bf16_matrix_units') else 'no'}, "
+        f"bf16 instructions: {', '.join(m.get('cpu_bf16_flags') or []) or 'none'}, "
         f"torch {m['torch']} ({m['torch_threads']} threads), device {m.get('gpu', m['device'])}",
         f"Data: {results['data_description']}",
         "",

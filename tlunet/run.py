@@ -20,7 +20,7 @@ from tlunet.builders import (  # noqa: F401  (re-exported: tlunet.run's former h
     _instantiate_dict,
     build_module,
     build_trainer,
-    cpu_has_bf16_matrix_units,
+    cpu_has_fast_bf16,
     resolve_precision,
 )
 from tlunet.callbacks import truncate_metrics_csv
