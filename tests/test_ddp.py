@@ -31,13 +31,14 @@ def test_ddp_trainer_config(tmp_path: Path) -> None:
     assert cfg.trainer.sync_batchnorm is True
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "mixed"
     assert cfg.trainer.devices == -1 and cfg.trainer.num_nodes == 1
-    assert resolve_precision("mixed", "cpu") in ("32-true", "bf16-mixed")  # bf16 with AMX only
+    # bf16 only with bf16 instructions (AMX, AVX512-BF16)
+    assert resolve_precision("mixed", "cpu") in ("32-true", "bf16-mixed")
 
     cfg = compose_config([*CPU_DDP, f"paths.output_dir={tmp_path}"])
     trainer = build_trainer(cfg, callbacks=[], loggers=[])  # no process starts before fit
     assert isinstance(trainer.strategy, DDPStrategy)
     assert trainer.num_devices == 2 and trainer.world_size == 2
-    assert trainer.precision == "32-true"  # "mixed" on the CPU
+    assert trainer.precision == resolve_precision("mixed", "cpu")  # "mixed" on the CPU
     assert trainer.strategy._layer_sync is None  # SyncBatchNorm needs CUDA: off on the CPU
 
 
