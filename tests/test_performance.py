@@ -179,7 +179,8 @@ def test_bench_command_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
         ("bare", "bf16-mixed"),
         ("lightning", "bf16-mixed"),
     ]
-    assert isinstance(bench["machine"]["cpu_bf16_matrix_units"], bool)
+    flags = bench["machine"]["cpu_bf16_flags"]  # which bf16 instructions the CPU has
+    assert isinstance(flags, list) and set(flags) <= {"amx_bf16", "avx512_bf16"}
     assert all(p["ratio"] > 0 for p in bench["train_pairs"])
     evaluate, predict = bench["inference"]
     assert evaluate["slices"] == slices and evaluate["slices_per_s"] > 0
