@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from pytorch_lightning.strategies import DDPStrategy
 
+from tlunet.builders import build_trainer, resolve_precision
 from tlunet.data.index import index_kaggle3m
 from tlunet.data.splits import split_by_patient
 from tlunet.metrics import METRIC_KEYS
-from tlunet.run import build_trainer, resolve_precision
 
 from .conftest import TINY_RUN, compose_config, run_cli
 

@@ -13,13 +13,13 @@ import torch
 from hydra.utils import instantiate
 
 from tlunet.bench import FULL_SET_SLICES, evaluate_targets
+from tlunet.builders import build_module
 from tlunet.data.index import index_kaggle3m
 from tlunet.data.synthetic import plan_patients, seed_for_total_slices
 from tlunet.losses import WeightedSum
 from tlunet.models import build_model
 from tlunet.models.aux_head import AuxHead, deepest_channels
 from tlunet.module import SegmentationModule
-from tlunet.run import build_module
 
 from .conftest import compose_config, run_cli
 

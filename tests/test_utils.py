@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import stat
 from pathlib import Path
 
@@ -49,3 +50,18 @@ def test_one_dice_and_iou_for_numbers_arrays_and_tensors() -> None:
     assert np.allclose(dice_from_counts(*map(np.array, counts)), expected)
     tensor = dice_from_counts(*(torch.tensor(c) for c in counts))
     assert tensor.dtype == torch.float64 and torch.allclose(tensor, torch.tensor(expected).double())
+
+
+def test_tensors_load_safely_or_fail_naming_the_file(tmp_path: Path) -> None:
+    import torch
+
+    from tlunet.errors import ConfigError
+    from tlunet.utils import load_tensors_safely
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    assert torch.equal(load_tensors_safely(good, "weights ")["w"], torch.ones(2))
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"w": argparse.Namespace(w=1)}, pickled)  # an object: needs pickled code to load
+    with pytest.raises(ConfigError, match=r"Cannot load weights '.*pickled\.pt' safely"):
+        load_tensors_safely(pickled, "weights ")

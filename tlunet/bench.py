@@ -219,7 +219,7 @@ def job_train(
     import torch
     from hydra.utils import instantiate
 
-    from tlunet.run import _instantiate_dict, build_module, build_trainer, resolve_precision
+    from tlunet.builders import _instantiate_dict, build_module, build_trainer, resolve_precision
 
     overrides = [
         *_data_overrides(root, image_size, batch_size, cache_dir),

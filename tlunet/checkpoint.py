@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tlunet.builders import build_module
 from tlunet.errors import ConfigError
+from tlunet.utils import load_tensors_safely
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -19,12 +19,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(str(path)).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt_path '{path}' does not exist or is not a file.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(
-            f"Cannot load checkpoint '{path}' safely (weights_only): {type(exc).__name__}: {exc}"
-        ) from exc
+    checkpoint = load_tensors_safely(path, "checkpoint ")
     config = checkpoint.get("hyper_parameters", {}).get("config")
     if not config or "state_dict" not in checkpoint:
         raise ConfigError(f"'{path}' is not a tlunet checkpoint (no stored run config).")

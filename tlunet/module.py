@@ -76,6 +76,7 @@ class SegmentationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self._train_time_before = 0.0  # fit() seconds of the runs this one resumed
+        self._fit_started: float | None = None  # perf_counter() at this process's fit() start
         if isinstance(run_config, DictConfig):  # plain containers load with weights_only=True
             run_config = OmegaConf.to_container(run_config, resolve=True)
         self.save_hyperparameters(
@@ -306,9 +307,9 @@ class SegmentationModule(pl.LightningModule):
     def train_time_s(self) -> float:
         """Seconds spent in ``fit()`` so far: this process's share plus that of the runs it
         resumed (from the checkpoint); 0 before ``fit()``."""
-        started = getattr(self, "_fit_started", None)
-        here = time.perf_counter() - started if started is not None else 0.0
-        return self._train_time_before + here
+        if self._fit_started is None:
+            return self._train_time_before
+        return self._train_time_before + time.perf_counter() - self._fit_started
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming a fit: the random streams continue where the checkpoint left them, so the

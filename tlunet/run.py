@@ -16,13 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from tlunet.builders import (  # noqa: F401  (re-exported: tlunet.run's former home)
-    _instantiate_dict,
-    build_module,
-    build_trainer,
-    cpu_has_fast_bf16,
-    resolve_precision,
-)
+from tlunet.builders import _instantiate_dict, build_module, build_trainer
 from tlunet.callbacks import truncate_metrics_csv
 from tlunet.checkpoint import load_checkpoint
 from tlunet.errors import ConfigError

