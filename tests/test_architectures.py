@@ -9,7 +9,7 @@ import torch
 
 from tlunet.losses import WeightedSum
 from tlunet.models import build_model
-from tlunet.models.aux_head import AuxHead, deepest_channels
+from tlunet.models.aux_head import SegmentationWithAux
 from tlunet.module import SegmentationModule
 
 from .conftest import compose_config
@@ -101,9 +101,10 @@ def _batch() -> dict[str, torch.Tensor]:
 
 
 def test_aux_head_loss_reaches_the_total_loss() -> None:
-    net = build_model("unet", "resnet18", None)
-    head = AuxHead(deepest_channels(net))
-    module = _module(net, aux_head=head, aux_loss_weight=0.5)
+    net = build_model("unet", "resnet18", None, aux_head=True)
+    assert isinstance(net, SegmentationWithAux)
+    head = net.aux_head
+    module = _module(net, aux_loss_weight=0.5)
     module.eval()  # no dropout: the recomputation below is exact
     batch = _batch()
     total, logits, terms, detect = module.compute_loss(batch)
@@ -118,8 +119,7 @@ def test_aux_head_loss_reaches_the_total_loss() -> None:
 
 
 def test_aux_head_drives_detection_metrics() -> None:
-    net = build_model("unet", "resnet18", None)
-    module = _module(net, aux_head=AuxHead(deepest_channels(net)))
+    module = _module(build_model("unet", "resnet18", None, aux_head=True))
     module.eval()
     batch = _batch()
     with torch.no_grad():
@@ -183,3 +183,41 @@ def test_scratch_baseline_rejects_unknown_options() -> None:
 
     with pytest.raises(ConfigError, match="Bad option for architecture 'resunet'.*chanels"):
         build_model("resunet", "none", None, chanels=SMALL)
+
+
+@pytest.mark.parametrize(("arch", "encoder"), [("unet", "resnet18"), ("resunet", "none")])
+def test_aux_network_returns_masks_and_labels(arch: str, encoder: str) -> None:
+    """smp's aux_params style: one forward gives the mask logits of the plain network (same
+    weights) and the head's label logits computed from the deepest encoder features."""
+    torch.manual_seed(0)
+    kwargs = {"channels": SMALL} if arch == "resunet" else {}
+    net = build_model(arch, encoder, None, aux_head=True, aux_hidden=16, **kwargs).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        masks, labels = net(x)
+        assert torch.equal(masks, net.segmenter(x))
+        assert torch.equal(labels, net.aux_head(net.encoder(x)[-1]))
+    assert masks.shape == (2, 1, 64, 64) and labels.shape == (2, 2)
+    assert net.aux_head.fc1.out_features == 16
+    # Nothing is left registered on the encoder between calls.
+    assert not net.segmenter.encoder._forward_hooks
+
+
+def test_old_checkpoints_with_the_module_level_head_load() -> None:
+    """tlunet < 0.3 kept the head beside the network (keys net.* and aux_head.*)."""
+    from tlunet.models.aux_head import upgrade_state_dict
+
+    net = build_model("unet", "resnet18", None, aux_head=True)
+    module = _module(net)
+    state = module.state_dict()
+    old = {}
+    for key, value in state.items():
+        if key.startswith("net.aux_head."):
+            key = key[len("net.") :]
+        elif key.startswith("net.segmenter."):
+            key = "net." + key[len("net.segmenter.") :]
+        old[key] = value
+    assert upgrade_state_dict(old, with_aux=True).keys() == state.keys()
+    assert upgrade_state_dict(state, with_aux=True).keys() == state.keys()  # already current
+    plain = _module(build_model("unet", "resnet18", None)).state_dict()
+    assert upgrade_state_dict(plain, with_aux=False).keys() == plain.keys()

@@ -32,6 +32,35 @@ def test_defaults_are_the_paper_recipe() -> None:
     assert cfg.callbacks.early_stopping.monitor == cfg.monitor.metric == "val/dice_per_patient"
 
 
+def test_one_instantiate_builds_the_module() -> None:
+    """conf/train.yaml's module node holds everything: network (with the aux head when asked),
+    loss, optimiser and scheduler partials, and the model group's options."""
+    from tlunet.models.aux_head import SegmentationWithAux
+
+    cfg = compose_config(
+        [
+            "encoder=resnet18",
+            "encoder.weights=null",
+            "model.aux_head=true",
+            "model.aux_hidden=32",
+            "model.aux_loss_weight=0.3",
+            "model.channels_last=false",
+            "data.split=paper",
+            "optimizer.lr=0.01",
+            "scheduler=null",
+        ]
+    )
+    module = instantiate(cfg.module)
+    assert isinstance(module.net, SegmentationWithAux) and module.has_aux
+    assert module.net.aux_head.fc1.out_features == 32 and module.aux_loss_weight == 0.3
+    assert not module.channels_last and module.per_patient is False
+    assert module.monitor == "val/dice"  # the paper split's default monitor
+    optimizer = module.configure_optimizers()  # no scheduler: the optimizer alone
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 0.01
+    plain = instantiate(compose_config(["encoder=resnet18", "encoder.weights=null"]).module)
+    assert not plain.has_aux and plain.per_patient is True and plain.detect_source == "mask"
+
+
 @pytest.mark.parametrize("option", _options("encoder"))
 def test_encoder_options_compose(option: str) -> None:
     cfg = compose_config([f"encoder={option}"])

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from tlunet.bench import FULL_SET_SLICES, evaluate_targets
 from tlunet.builders import build_module
@@ -18,7 +17,6 @@ from tlunet.data.index import index_kaggle3m
 from tlunet.data.synthetic import plan_patients, seed_for_total_slices
 from tlunet.losses import WeightedSum
 from tlunet.models import build_model
-from tlunet.models.aux_head import AuxHead, deepest_channels
 from tlunet.module import SegmentationModule
 
 from .conftest import compose_config, run_cli
@@ -26,12 +24,18 @@ from .conftest import compose_config, run_cli
 
 def _module(**kwargs) -> SegmentationModule:
     torch.manual_seed(0)
-    net = build_model("unet", "resnet18", encoder_weights=None, decoder_channels=[32, 16, 8, 8, 8])
+    net = build_model(
+        "unet",
+        "resnet18",
+        encoder_weights=None,
+        decoder_channels=[32, 16, 8, 8, 8],
+        aux_head=True,
+        aux_hidden=8,
+    )
     return SegmentationModule(
         net,
         WeightedSum({"bce": torch.nn.BCEWithLogitsLoss()}),
         partial(torch.optim.Adam, lr=1e-3),
-        aux_head=AuxHead(deepest_channels(net), hidden=8),
         **kwargs,
     )
 
@@ -47,7 +51,7 @@ def _two_steps(module: SegmentationModule) -> tuple[list[float], dict[str, torch
     for _ in range(2):
         optimizer.zero_grad()
         loss, _, terms, _ = module.compute_loss(batch)
-        assert "loss_aux" in terms  # the aux head's hook still sees the encoder
+        assert "loss_aux" in terms  # the aux head still sees the encoder
         loss.backward()
         grads = grads or {n: p.grad.clone() for n, p in module.named_parameters()}
         optimizer.step()
@@ -81,12 +85,12 @@ def test_compiled_network_keeps_its_parameter_names_and_results() -> None:
 def test_model_options_reach_the_module(tmp_path: Path) -> None:
     base = ["encoder=resnet18", "encoder.weights=null", f"paths.output_dir={tmp_path}"]
     cfg = compose_config(base)  # channels-last by default
-    module = build_module(cfg, instantiate(cfg.model.net))
+    module = build_module(cfg)
     assert module.channels_last
     assert module.net.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert cfg.model.compile is False
     cfg = compose_config([*base, "model.channels_last=false"])
-    module = build_module(cfg, instantiate(cfg.model.net))
+    module = build_module(cfg)
     assert not module.channels_last and module.net.encoder.conv1.weight.is_contiguous()
 
 

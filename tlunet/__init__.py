@@ -3,7 +3,9 @@
 from omegaconf import OmegaConf
 
 #: 0.2.0: every score at the masks' native resolution (checkpoints say so: "scoring": "native").
-__version__ = "0.2.0"
+#: 0.3.0: the aux head is part of the network (weights ``net.segmenter.*``/``net.aux_head.*``),
+#: the module one instantiate of its config; older checkpoints are converted when read.
+__version__ = "0.3.0"
 
 # ${tlunet.unless_resume:${resume},NORMAL,RESUMED}: NORMAL for a new run, RESUMED when the
 # command resumes a run (conf/hydra/default.yaml: the run directory is the resumed one).
@@ -21,3 +23,6 @@ OmegaConf.register_new_resolver(
     lambda split: "val/dice" if split == "paper" else "val/dice_per_patient",
     replace=True,
 )
+
+#: Per-patient metrics, except under ``data.split=paper`` (scattered slices of every patient).
+OmegaConf.register_new_resolver("tlunet.per_patient", lambda split: split != "paper", replace=True)

@@ -256,7 +256,7 @@ def job_train(
                     _sync(device)
                     times["end"] = time.perf_counter()
 
-        module = build_module(cfg, net)
+        module = build_module(cfg)
         callbacks = [*_instantiate_dict(cfg.callbacks), StepTimer()]
         trainer = build_trainer(cfg, callbacks, _instantiate_dict(cfg.logger))
         trainer.fit(module, train_dataloaders=loader)

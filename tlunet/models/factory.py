@@ -10,6 +10,7 @@ from torch import nn
 
 from tlunet.errors import ConfigError
 from tlunet.models import lite_weights
+from tlunet.models.aux_head import SegmentationWithAux
 from tlunet.models.registry import get_model_builder
 from tlunet.models.weights import (
     check_encoder_name,
@@ -29,9 +30,15 @@ def build_model(
     encoder_weights_path: str | None = None,
     in_channels: int = 3,
     classes: int = 1,
+    aux_head: bool = False,
+    aux_hidden: int = 256,
     **kwargs: Any,
 ) -> nn.Module:
     """Return the network ``arch`` with encoder ``encoder_name``; outputs logits (N, classes, H, W).
+
+    ``aux_head=True`` adds the paper's image-level head (``aux_hidden`` units) to the network,
+    as smp's ``aux_params`` do: it then returns ``(mask logits, label logits (N, 2))``
+    (:class:`tlunet.models.aux_head.SegmentationWithAux`).
 
     ``encoder_weights``: ``"imagenet"`` (smp/timm download, Hugging Face cache) or ``None``
     (random initialisation). ``encoder_weights_path``: a local file loaded into the encoder
@@ -50,9 +57,11 @@ def build_model(
                 f"(encoder.weights_path={encoder_weights_path})."
             )
         try:
-            return builder(in_channels=in_channels, classes=classes, **kwargs)
+            net = builder(in_channels=in_channels, classes=classes, **kwargs)
         except TypeError as exc:
             raise ConfigError(f"Bad option for architecture '{arch}': {exc}") from exc
+        net.encoder_weights_info = {"source": None}
+        return _with_aux(net, aux_head, aux_hidden)
     check_encoder_name(encoder_name)
     info: dict[str, Any] = {"source": None}
     wheel_state = None
@@ -107,7 +116,15 @@ def build_model(
             info = {"source": "file", "path": str(path), "sha256": lite_weights.sha256(path)}
             log.info("Loaded encoder weights from %s", encoder_weights_path)
     net.encoder_weights_info = info
-    return net
+    return _with_aux(net, aux_head, aux_hidden)
+
+
+def _with_aux(net: nn.Module, aux_head: bool, hidden: int) -> nn.Module:
+    if not aux_head:
+        return net
+    wrapped = SegmentationWithAux(net, hidden=int(hidden))
+    wrapped.encoder_weights_info = net.encoder_weights_info
+    return wrapped
 
 
 def count_parameters(net: nn.Module) -> int:
