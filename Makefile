@@ -33,15 +33,15 @@ train: install ## the embedded default: DenseNet121 U-Net on synthetic phantoms,
 	$(PY) -m tlunet.train experiment=demo
 
 bench: install ## benchmarks (data, training step, inference) -> outputs/bench/<time>/bench.{json,md}
-	HF_HUB_OFFLINE=1 $(PY) -m tlunet.bench $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 lint: install ## ruff lint and format check
-	$(VENV)/bin/ruff check tlunet tests
-	$(VENV)/bin/ruff format --check tlunet tests
+	$(VENV)/bin/ruff check tlunet tests benchmarks
+	$(VENV)/bin/ruff format --check tlunet tests benchmarks
 
 format: install ## ruff autofix and format
-	$(VENV)/bin/ruff check --fix tlunet tests
-	$(VENV)/bin/ruff format tlunet tests
+	$(VENV)/bin/ruff check --fix tlunet tests benchmarks
+	$(VENV)/bin/ruff format tlunet tests benchmarks
 
 clean: ## remove caches and build files (keeps .venv and outputs/)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

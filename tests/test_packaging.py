@@ -29,7 +29,7 @@ COMMANDS = {
     "tlunet-study": "tlunet.study",
     "tlunet-check": "tlunet.data.check",
     "tlunet-overview": "tlunet.overview",
-    "tlunet-bench": "tlunet.bench",
+    "tlunet-bench": "tlunet.cli",  # runs benchmarks/bench.py of a source checkout
     "tlunet-download": "tlunet.models.download",
 }
 

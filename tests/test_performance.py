@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from tlunet.bench import FULL_SET_SLICES, evaluate_targets
+from benchmarks.bench import FULL_SET_SLICES, evaluate_targets, load_targets
 from tlunet.builders import build_module
 from tlunet.data.index import index_kaggle3m
 from tlunet.data.synthetic import plan_patients, seed_for_total_slices
@@ -19,7 +21,7 @@ from tlunet.losses import WeightedSum
 from tlunet.models import build_model
 from tlunet.module import SegmentationModule
 
-from .conftest import compose_config, run_cli
+from .conftest import cli_env, compose_config, run_cli
 
 
 def _module(**kwargs) -> SegmentationModule:
@@ -150,7 +152,6 @@ def test_bench_command_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
     shutil.copytree(synthetic_root, root)
     out_dir = tmp_path / "bench"
     args = [
-        "tlunet.bench",
         f"--data-root={root}",
         f"--out={out_dir}",
         "--image-size=64",
@@ -166,7 +167,16 @@ def test_bench_command_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
         "--full-size=60",
         "--predict-patients=1",
     ]
-    result = run_cli(args, cwd=tmp_path, timeout=900)
+    # The console script, from outside the clone: it finds benchmarks/ beside the editable install.
+    script = Path(sys.executable).with_name("tlunet-bench")
+    result = subprocess.run(
+        [str(script), *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     bench = json.loads((out_dir / "bench.json").read_text())
     assert bench["machine"]["cpu_count"] >= 1 and bench["machine"]["torch"] == torch.__version__
@@ -192,6 +202,32 @@ def test_bench_command_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:
     assert predict["slices"] == len(list(first_patient.glob("*_mask.tif")))
     assert {t["target"].split(" ")[0] for t in bench["targets"]} >= {"data,", "evaluation"}
     text = (out_dir / "bench.md").read_text()
-    assert "Lightning / bare ratio" in text and "python -m tlunet.bench" in text
+    assert "Lightning / bare ratio" in text and "python -m benchmarks.bench" in text
     # Only the figures stay: the runs made to measure are removed.
     assert sorted(p.name for p in out_dir.iterdir()) == ["bench.json", "bench.md"]
+
+
+def test_targets_come_from_the_data_file() -> None:
+    targets = load_targets()
+    assert targets["lightning_vs_bare"]["min_ratio"] == 0.95
+    results = {"train_pairs": [{"batch_size": 16, "image_size": 128, "encoder": "x", "ratio": 0.9}]}
+    assert [t["met"] for t in evaluate_targets(results, targets)] == [False]
+    looser = {**targets, "lightning_vs_bare": {**targets["lightning_vs_bare"], "min_ratio": 0.8}}
+    (row,) = evaluate_targets(results, looser)
+    assert row["met"] and "0.8x" in row["target"]
+
+
+def test_bench_outside_a_source_checkout_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import tlunet
+    from tlunet.cli import bench
+
+    fake = tmp_path / "site-packages" / "tlunet"
+    fake.mkdir(parents=True)
+    monkeypatch.setattr(tlunet, "__file__", str(fake / "__init__.py"))  # as from a wheel
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        bench()
+    assert exc.value.code == 1
+    assert "benchmarks/bench.py" in capsys.readouterr().err

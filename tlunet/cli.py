@@ -51,3 +51,34 @@ def user_errors_exit(fn: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def bench() -> None:
+    """Console script ``tlunet-bench``: the benchmarks of a source checkout
+    (``benchmarks/bench.py``, outside the package like timm's ``benchmark.py``), found from the
+    current folder upwards or beside an editable install. A wheel does not ship them."""
+    from pathlib import Path
+
+    import tlunet
+
+    starts = [Path.cwd(), *Path.cwd().parents, Path(tlunet.__file__).resolve().parents[1]]
+    repo = next(
+        (
+            p
+            for p in starts
+            if (p / "benchmarks" / "bench.py").is_file() and (p / "tlunet" / "cli.py").is_file()
+        ),
+        None,
+    )
+    if repo is None:
+        print(
+            "tlunet error: tlunet-bench runs the benchmarks of a tlunet source checkout "
+            "(benchmarks/bench.py), which an installed wheel does not hold: run it inside a "
+            "clone of the repository (or `make bench` there).",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    sys.path.insert(0, str(repo))
+    from benchmarks.bench import cli
+
+    cli()

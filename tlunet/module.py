@@ -54,7 +54,7 @@ class SegmentationModule(pl.LightningModule):
         freeze_encoder: keep ``net.encoder`` frozen (no gradient, BatchNorm statistics fixed)...
         unfreeze_at_epoch: ...until this epoch (0-based); ``None``: for the whole run.
         channels_last: keep ``net``'s weights and its input batches in channels-last memory
-            format (faster convolutions on recent GPUs and some CPUs; ``tlunet.bench`` tells).
+            format (faster convolutions on recent GPUs and some CPUs; ``make bench`` tells).
         compile: ``torch.compile`` the network: ``True``, or a dict of ``torch.compile``
             arguments (``{"mode": "max-autotune"}``, ``{"backend": "eager"}``). The state dict
             keeps its names, so checkpoints load with or without it.
