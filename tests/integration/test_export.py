@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import run_cli, train_tiny
 from tlunet.evaluate import load_checkpoint, module_from_checkpoint
-
-from .conftest import run_cli, train_tiny
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TINY_RUN, check_run_dir, run_cli
+from tests.conftest import TINY_RUN, check_run_dir, run_cli
 
 TABLE1 = [
     "vgg16",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TINY_RUN, check_run_dir, run_cli
+from tests.conftest import TINY_RUN, check_run_dir, run_cli
 
 
 def test_train_and_test_end_to_end(synthetic_root: Path, tmp_path: Path) -> None:

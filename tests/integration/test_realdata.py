@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import check_run_dir, real_data_root, run_cli
 from tlunet.data.cache import decode_slices
 from tlunet.data.index import index_kaggle3m
-
-from .conftest import check_run_dir, real_data_root, run_cli
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from tests.conftest import REPO
 from tlunet.data.synthetic import (
     MARKER_NAME,
     PATIENT_NAME_RE,
@@ -227,7 +228,7 @@ def test_cli(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "tlunet.data.synthetic", str(out)]
     cmd += ["--patients", "3", "--size", "48", "--seed", "1", "--min-slices", "5"]
     cmd += ["--max-slices", "6"]
-    env_root = Path(__file__).resolve().parents[1]
+    env_root = REPO
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=env_root, check=False)
     assert res.returncode == 0, res.stderr
     assert json.loads((out / MARKER_NAME).read_text())["params"]["num_patients"] == 3

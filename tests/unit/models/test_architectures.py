@@ -7,12 +7,11 @@ from functools import partial
 import pytest
 import torch
 
+from tests.conftest import compose_config
 from tlunet.losses import WeightedSum
 from tlunet.models import build_model
 from tlunet.models.aux_head import SegmentationWithAux
 from tlunet.module import SegmentationModule
-
-from .conftest import compose_config
 
 SMALL = [16, 32, 64, 128, 256]
 

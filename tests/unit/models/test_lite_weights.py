@@ -10,10 +10,9 @@ import pytest
 import timm
 import torch
 
+from tests.conftest import train_tiny
 from tlunet.errors import ConfigError
 from tlunet.models import build_model, lite_weights
-
-from .conftest import train_tiny
 
 LITES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
 

@@ -12,10 +12,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from tests.conftest import CONF_DIR
 from tlunet.errors import ConfigError
 from tlunet.models import MODELS, build_model, register_model
-
-from .conftest import CONF_DIR
 
 ENCODER_FILES = sorted((CONF_DIR / "encoder").glob("*.yaml"))
 PAPER_ENCODERS = {

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 from pytorch_lightning.strategies import DDPStrategy
 
+from tests.conftest import TINY_RUN, compose_config, run_cli
 from tlunet.builders import build_trainer, resolve_precision
 from tlunet.data.index import index_kaggle3m
 from tlunet.data.splits import split_by_patient
 from tlunet.metrics import METRIC_KEYS
-
-from .conftest import TINY_RUN, compose_config, run_cli
 
 #: Three training patients, one validation, two testing (of the six synthetic ones).
 FRACTIONS = (0.5, 0.167, 0.333)

@@ -14,14 +14,13 @@ import pytest
 import torch
 
 from benchmarks.bench import FULL_SET_SLICES, evaluate_targets, load_targets
+from tests.conftest import cli_env, compose_config, run_cli
 from tlunet.builders import build_module
 from tlunet.data.index import index_kaggle3m
 from tlunet.data.synthetic import plan_patients, seed_for_total_slices
 from tlunet.losses import WeightedSum
 from tlunet.models import build_model
 from tlunet.module import SegmentationModule
-
-from .conftest import cli_env, compose_config, run_cli
 
 
 def _module(**kwargs) -> SegmentationModule:

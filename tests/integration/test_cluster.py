@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TINY_RUN, compose_config, run_cli
+from tests.conftest import TINY_RUN, compose_config, run_cli
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[cluster]'")
 

@@ -9,10 +9,9 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
+from tests.conftest import CONF_DIR, compose_config
 from tlunet.builders import resolve_precision
 from tlunet.errors import ConfigError
-
-from .conftest import CONF_DIR, compose_config
 
 
 def _options(group: str) -> list[str]:

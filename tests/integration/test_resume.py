@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import TINY_RUN, cli_env, run_cli
+from tests.conftest import TINY_RUN, cli_env, run_cli
 
 EPOCHS = 5
 #: A tiny run with augmentation, every stage, deterministic algorithms and several epochs.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from .conftest import real_data_root, run_cli
+from tests.conftest import real_data_root, run_cli
 
 
 def _predict(ckpt: Path, source: Path, out: Path, cwd: Path):

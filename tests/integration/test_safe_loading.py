@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import run_cli
 from tlunet.errors import ConfigError
 from tlunet.evaluate import load_checkpoint
 from tlunet.models import build_model
-
-from .conftest import run_cli
 
 
 class _Payload:

@@ -13,11 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import run_cli, train_tiny
 from tlunet.evaluate import Scored, Volume, flip_tta, patient_tables
 from tlunet.module import SegmentationModule
 from tlunet.volume_metrics import dice_iou, hd95, volume_similarity
-
-from .conftest import run_cli, train_tiny
 
 
 def test_hd95_known_answers() -> None:
@@ -338,7 +337,7 @@ def test_detect_has_one_definition_per_run(synthetic_root_128: Path, tmp_path: P
 def test_paper_split_reports_per_patient_metrics_as_not_applicable(
     synthetic_root_128: Path, tmp_path: Path
 ) -> None:
-    from .conftest import compose_config
+    from tests.conftest import compose_config
 
     assert compose_config(["data.split=paper"]).monitor.metric == "val/dice"
     assert compose_config([]).monitor.metric == "val/dice_per_patient"

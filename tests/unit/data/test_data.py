@@ -12,13 +12,12 @@ import tifffile
 import torch
 from hydra.utils import instantiate
 
+from tests.conftest import compose_config
 from tlunet.data.cache import cache_key, decode_slices
 from tlunet.data.datamodule import LGGDataModule
 from tlunet.data.index import index_kaggle3m
 from tlunet.data.transforms import build_transform, channel_stats
 from tlunet.errors import ConfigError, DataError
-
-from .conftest import compose_config
 
 
 @pytest.fixture()

@@ -13,9 +13,8 @@ import pytest
 import tifffile
 import torch
 
+from tests.conftest import real_data_root, run_cli, train_tiny
 from tlunet.scoring import native_masks, to_native
-
-from .conftest import real_data_root, run_cli, train_tiny
 
 
 def test_to_native_resizes_each_slice_alone() -> None:

@@ -23,10 +23,9 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 
 import tlunet.data.cache as cache_module
+from tests.conftest import TINY_RUN, check_run_dir, compose_config, run_cli
 from tlunet.data.datamodule import LGGDataModule
 from tlunet.errors import TlunetError
-
-from .conftest import TINY_RUN, check_run_dir, compose_config, run_cli
 
 PATIENT = "SYN_P002_20000101"
 

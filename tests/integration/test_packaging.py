@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, cli_env
+from tests.conftest import REPO, cli_env
 
 PACKAGE = REPO / "tlunet"
 
