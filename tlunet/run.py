@@ -23,6 +23,7 @@ from tlunet.errors import ConfigError
 from tlunet.metrics import PER_PATIENT_KEYS
 from tlunet.models import count_parameters
 from tlunet.scoring import scoring_info
+from tlunet.tracking import log_config, log_results
 from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
 from tlunet.viz import plot_training_curves
 
@@ -183,6 +184,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
+    log_config(trainer.loggers, OmegaConf.to_container(cfg, resolve=True))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     # Over every resume: a resumed run adds the time its checkpoint had already spent.
@@ -252,4 +254,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomic(run_dir / "run.json", run_info)
     if metrics:
         write_json_atomic(run_dir / "metrics.json", metrics)  # last: its presence = complete
+    headline = next(
+        (
+            (k, metrics[k])
+            for k in ("test/dice_per_patient", "test/dice")
+            if metrics.get(k) is not None
+        ),
+        (cfg.monitor.metric, best_score) if best_score is not None else None,
+    )
+    log_results(
+        trainer.loggers,
+        run_dir,
+        headline,
+        figures=sorted(run_dir.glob("*.png")),
+        artifacts=[run_dir / n for n in ("metrics.json", "run.json", "config.yaml")]
+        + ([Path(best_path)] if best_path else []),
+    )
     return {"metrics": metrics, "best_score": best_score, "run_dir": str(run_dir)}
