@@ -8,7 +8,11 @@ prefix, plus HD95, volume similarity, per-patient detection and bootstrap 95 % i
 ``dice_per_patient`` and ``dice``), ``evaluation.json`` (what was evaluated and how: checkpoint,
 stage, options, preprocessing, scoring resolution, seen patients), ``per_patient.csv``
 (patient, slices, tumour pixels true/predicted, Dice, IoU, HD95 in pixels, volume similarity,
-detected), ``per_slice.csv`` and ``options.csv``.
+detected), ``per_slice.csv`` and ``options.csv``; and figures of the same numbers:
+``per_patient.png`` (each patient's Dice with the mean, median and interval),
+``worst_patients.png`` (the lowest-Dice patients' worst slices, errors coloured) and, with
+``eval.threshold=auto``, ``threshold.png`` (validation Dice against threshold). Loops show
+progress bars on a terminal.
 
 Every score is computed at the native resolution of the masks on disk, on the masks
 ``tlunet.predict`` would write (:mod:`tlunet.scoring`). Model, image size and normalisation
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,7 +298,25 @@ def volume_metrics(
     return {**values, **summary}, patients, slices
 
 
-def _collect(trainer: pl.Trainer, module: Any, loader: Any, tta: bool) -> PredictionCollector:
+class StageProgressBar(RichProgressBar):
+    """Lightning's rich bar on stderr, naming the stage a pass predicts (``description``)."""
+
+    def __init__(self) -> None:
+        super().__init__(console_kwargs={"stderr": True})
+        self.description = "Predicting"
+
+    @property
+    def test_description(self) -> str:
+        return self.description
+
+
+def _collect(
+    trainer: pl.Trainer, module: Any, loader: Any, tta: bool, stage: str
+) -> PredictionCollector:
+    """Run the model over ``loader`` (the slices of ``stage``), keeping every prediction."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, StageProgressBar):
+            callback.description = f"Predicting stage={stage}" + (" (+ flip)" if tta else "")
     with extra_callback(trainer, PredictionCollector(tta)) as collector:
         trainer.test(module, dataloaders=loader, verbose=False)
     return collector
@@ -408,14 +431,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         devices=1,
         logger=False,
         # The model's passes show Lightning's bar on a terminal (stderr), as training does.
-        callbacks=[RichProgressBar(console_kwargs={"stderr": True})] if show_progress() else [],
+        callbacks=[StageProgressBar()] if show_progress() else [],
         enable_progress_bar=show_progress(),
         enable_model_summary=False,
         precision="32-true",
     )
     datamodule.trainer = trainer  # data.pin_memory=null: pinned when evaluating on CUDA
     loader = datamodule.dataloader(cfg.stage, shuffle=False)
-    collector = _collect(trainer, module, loader, tta == "flip")
+    collector = _collect(trainer, module, loader, tta == "flip", cfg.stage)
     baseline = {**trainer.callback_metrics, **module.epoch_metrics["test"]}
     names = datamodule.patients
     sources = {"plain": collector.volumes()}
@@ -428,7 +451,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     tuned: dict[tuple[str, Any], tuple[float, float]] = {}
     curves: dict[tuple[str, Any], tuple[np.ndarray, np.ndarray]] = {}
     if threshold_option == "auto":
-        val = _collect(trainer, module, datamodule.dataloader("val"), tta == "flip")
+        val = _collect(trainer, module, datamodule.dataloader("val"), tta == "flip", "val")
         val_sources = {"plain": val.volumes()}
         if tta == "flip":
             val_sources["tta"] = val.volumes(tta=True)
@@ -576,7 +599,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def draw_figure(draw: Any, path: Path) -> bool:
+def draw_figure(draw: Callable[[Path], Any], path: Path) -> bool:
     """``draw(path)``; a failure logs a warning and returns False: a figure never costs an
     evaluation its numbers."""
     try:
@@ -609,13 +632,13 @@ def figure_per_patient(
         "ci_high": metrics.get(f"{stage}/dice_per_patient_ci95_high"),
     }
     options = "" if name == "baseline" else f", {name}"
+    count = f"{len(patients)} patient" + ("" if len(patients) == 1 else "s")
     plot_per_patient(
         [r[0] for r in patients],
         [r[4] for r in patients],
         [r[2] == 0 for r in patients],
         summary,
-        f"Per-patient Dice, stage={stage} ({len(patients)} patients, threshold {threshold:g}"
-        f"{options})",
+        f"Per-patient Dice, stage={stage} ({count}, threshold {threshold:g}{options})",
         path,
     )
 
@@ -678,8 +701,8 @@ def figure_threshold(
     probabilities; those of the selected options), the chosen thresholds marked."""
     lines = []
     for (source, pp), (grid, dices) in sorted(curves.items(), key=lambda kv: kv[0][1] is not None):
-        label = source + (f" + {options.get('postprocess')}" if pp else "")
-        lines.append((f"{label} probabilities", grid, dices, *tuned[(source, pp)]))
+        label = f"{source} probabilities" + (f", then {options.get('postprocess')}" if pp else "")
+        lines.append((label, grid, dices, *tuned[(source, pp)]))
     plot_threshold_curves(
         lines, reference, "eval.threshold=auto: global Dice on the validation stage", path
     )

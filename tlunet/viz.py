@@ -68,11 +68,12 @@ def overlay_errors(
 
 
 def overlay_legend(fig: plt.Figure) -> None:
-    """The legend of :func:`overlay_errors`' colours, one row at the bottom of ``fig``."""
+    """The legend of :func:`overlay_errors`' colours, one row below the panels of ``fig`` (a
+    figure with ``layout="constrained"``)."""
     handles = [
         Patch(color=np.asarray(c) / 255.0, label=name) for name, c in OVERLAY_COLOURS.items()
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=7, frameon=False)
 
 
 def error_counts(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:
@@ -107,7 +108,9 @@ def plot_predictions(
     ``truths``/``preds``: (N, H, W) in {0, 1}, the same size; ``titles``: one label per row.
     """
     n = len(images)
-    fig, axes = plt.subplots(n, 2, figsize=(5.4, 2.7 * n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        n, 2, figsize=(5.4, 2.7 * n + 0.4), squeeze=False, layout="constrained"
+    )
     for i in range(n):
         dice = dice_iou(preds[i] > 0, truths[i] > 0)[0]
         axes[i][0].imshow(images[i])
@@ -116,7 +119,6 @@ def plot_predictions(
         axes[i][1].set_title(f"FLAIR, prediction (Dice {dice:.2f})", fontsize=8)
         for ax in axes[i]:
             ax.axis("off")
-    fig.tight_layout(rect=(0, 0.4 / (2.7 * n + 0.4), 1, 1))
     overlay_legend(fig)
     return save_figure(fig, path)
 
@@ -216,7 +218,8 @@ def plot_per_patient(
     ys = np.arange(n)
     x = np.asarray(dices, dtype=np.float64)[order]
     free = np.asarray(tumour_free, dtype=bool)[order]
-    fig, ax = plt.subplots(figsize=(6.4, float(np.clip(1.6 + 0.22 * n, 3.2, 16.0))))
+    height = float(np.clip(1.6 + 0.22 * n, 3.2, 16.0))
+    fig, ax = plt.subplots(figsize=(8.4, height), layout="constrained")
     low, high = summary.get("ci_low"), summary.get("ci_high")
     if _finite(low) and _finite(high):
         ax.axvspan(
@@ -260,8 +263,7 @@ def plot_per_patient(
     ax.set_xlabel("Dice of the patient's volume")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
-    fig.tight_layout()
+    fig.legend(fontsize=7, loc="outside right upper", frameon=False)
     return save_figure(fig, path)
 
 
@@ -282,12 +284,11 @@ def plot_error_slices(
     n = len(grays)
     if n == 0:
         raise ValueError("plot_error_slices needs at least one slice")
-    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.9), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 4.0), squeeze=False, layout="constrained")
     for ax, gray, truth, pred, title in zip(axes[0], grays, truths, preds, titles, strict=True):
         ax.imshow(overlay_errors(gray, truth, pred))
         ax.set_title(title, fontsize=8)
         ax.axis("off")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
     overlay_legend(fig)
     return save_figure(fig, path)
 
@@ -325,6 +326,6 @@ def plot_threshold_curves(
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return save_figure(fig, path)

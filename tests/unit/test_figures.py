@@ -100,7 +100,7 @@ def test_per_patient_figure_marks_the_given_summary(monkeypatch: pytest.MonkeyPa
     summary = {"mean": 0.5, "median": 0.625, "ci_low": 0.25, "ci_high": 0.75}
     plot_per_patient(["b", "a", "c"], [0.9, 0.1, 0.5], [False, False, True], summary, "t", "x.png")
     ax = drawn["fig"].axes[0]
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    labels = [t.get_text() for t in drawn["fig"].legends[0].get_texts()]
     assert "mean 0.500" in labels and "median 0.625" in labels
     assert "95 % CI of the mean [0.250, 0.750]" in labels
     assert "patient without tumour" in labels
@@ -110,7 +110,7 @@ def test_per_patient_figure_marks_the_given_summary(monkeypatch: pytest.MonkeyPa
     assert sorted(points[:, 0].tolist()) == [0.1, 0.5, 0.9]
     plt.close(drawn["fig"])
     plot_per_patient(["a"], [0.3], [False], {**summary, "ci_low": None, "ci_high": None}, "", "y")
-    labels = [t.get_text() for t in drawn["fig"].axes[0].get_legend().get_texts()]
+    labels = [t.get_text() for t in drawn["fig"].legends[0].get_texts()]
     assert "95 % CI of the mean: not defined (fewer than 2 patients)" in labels
     plt.close(drawn["fig"])
 

@@ -101,5 +101,13 @@ def test_progress_draws_on_a_terminal_and_still_yields_every_item(monkeypatch) -
         outer.append((i, list(progress(range(i), "Inner"))))  # nested: plain, no second bar
     assert outer == [(0, []), (1, [0]), (2, [0, 1])]
     assert "Outer" in terminal.getvalue() and "Inner" not in terminal.getvalue()
+    # A loop left by an error stops its bar at once: the error's message is not drawn over,
+    # and the next loop has its bar.
+    with pytest.raises(ValueError, match="bad slice"):
+        for i in progress(range(5), "Failing"):
+            if i == 2:
+                raise ValueError("bad slice")
+    assert list(progress(range(2), "After")) == [0, 1]
+    assert "After" in terminal.getvalue()
     monkeypatch.setenv("LOCAL_RANK", "1")  # another process of a distributed run: quiet
     assert not show_progress()
