@@ -18,6 +18,7 @@ from tlunet.lightning_compat import (  # noqa: F401  (CSVLogger, ModelCheckpoint
     ModelCheckpoint,
     csv_rows,
 )
+from tlunet.scoring import native_masks
 from tlunet.utils import atomic_path, write_text_atomic
 from tlunet.viz import denormalize, plot_predictions
 
@@ -25,12 +26,17 @@ log = logging.getLogger(__name__)
 
 
 class PredictionFigure(pl.Callback):
-    """Draw test slices with and without tumour (slice, true mask, predicted mask) into
-    ``path`` - the paper's Fig. 5.
+    """Draw test slices with and without tumour into ``path`` - the paper's Fig. 5: each slice
+    beside its FLAIR channel with the prediction's true positives, false positives and false
+    negatives in colour (:func:`tlunet.viz.overlay_errors`).
 
     Tumour rows show, for up to ``per_class`` patients, the slice with the largest true tumour
     area; tumour-free rows show, for up to ``per_class`` patients, the brightest tumour-free
-    slice (the most brain in view). One row per patient is kept in memory.
+    slice (the most brain in view). One row per patient is kept in memory. Where the batch has
+    the masks at native resolution (``mask_native``) and the datamodule its decoded slices,
+    the slice, mask and prediction are those scored: native size, probabilities resized then
+    thresholded (:func:`tlunet.scoring.native_masks`); otherwise the network's input.
+    A failure to draw logs a warning: it never costs the run its test metrics.
     """
 
     def __init__(self, path: str, per_class: int = 3) -> None:
@@ -53,19 +59,26 @@ class PredictionFigure(pl.Callback):
     ) -> None:
         if not isinstance(outputs, dict) or "probs" not in outputs:
             return
-        masks = batch["mask"][:, 0].cpu().numpy() > 0
-        preds = outputs["probs"][:, 0].float().cpu().numpy() >= pl_module.threshold
+        decoded = getattr(getattr(trainer, "datamodule", None), "decoded", None)
+        native = "mask_native" in batch and "row" in batch and decoded is not None
+        if native:
+            masks = batch["mask_native"][:, 0].cpu().numpy() > 0
+            preds = native_masks(outputs["probs"].cpu(), masks.shape[-2:], pl_module.threshold)
+            preds = preds[:, 0].numpy()
+        else:
+            masks = batch["mask"][:, 0].cpu().numpy() > 0
+            preds = outputs["probs"][:, 0].float().cpu().numpy() >= pl_module.threshold
         for i in range(len(masks)):
             pid = int(batch["patient"][i])
             area = float(masks[i].sum())
-            row = (
-                batch["image"][i].float().cpu().numpy(),
-                masks[i],
-                preds[i],
-                pid,
-                int(batch["slice"][i]),
-            )
-            kept, score = (self._tumour, area) if area > 0 else (self._free, float(row[0].mean()))
+            if native:  # (H, W, 3) uint8 as on disk
+                image = np.array(decoded.images[int(batch["row"][i])])
+                brightness = float(image.mean()) / 255.0
+            else:  # (3, S, S) normalised
+                image = batch["image"][i].float().cpu().numpy()
+                brightness = float(image.mean())
+            row = (image, masks[i], preds[i], pid, int(batch["slice"][i]), native)
+            kept, score = (self._tumour, area) if area > 0 else (self._free, brightness)
             if pid not in kept or score > kept[pid][0]:
                 kept[pid] = (score, row)
 
@@ -75,18 +88,28 @@ class PredictionFigure(pl.Callback):
         tumour = [row for _, row in self._tumour.values()][: self.per_class]
         free = [row for _, row in self._free.values()][: self.per_class]
         rows = tumour + free
+        self._tumour, self._free = {}, {}
         if not rows:
             return
+        try:
+            self._draw(trainer, rows)
+        except Exception as exc:  # a figure must never cost the run its results
+            log.warning("Could not draw the prediction figure %s: %s", self.path, exc)
+            return
+        log.info("Prediction figure written to %s", self.path)
+
+    def _draw(self, trainer: pl.Trainer, rows: list[tuple]) -> None:
         datamodule = trainer.datamodule
         pre = getattr(datamodule, "preprocessing", {"mean": (0, 0, 0), "std": (1, 1, 1)})
         patients = getattr(datamodule, "patients", None)
-        images = denormalize(np.stack([r[0] for r in rows]), pre["mean"], pre["std"])
+        if rows[0][5]:
+            images = np.stack([r[0] for r in rows])
+        else:
+            images = denormalize(np.stack([r[0] for r in rows]), pre["mean"], pre["std"])
         titles = [f"{patients[r[3]] if patients else f'patient {r[3]}'} slice {r[4]}" for r in rows]
         truths = np.stack([r[1] for r in rows]).astype(np.uint8)
         preds = np.stack([r[2] for r in rows]).astype(np.uint8)
         plot_predictions(images, truths, preds, titles, self.path)
-        self._tumour, self._free = {}, {}
-        log.info("Prediction figure written to %s", self.path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

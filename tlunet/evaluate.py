@@ -8,7 +8,11 @@ prefix, plus HD95, volume similarity, per-patient detection and bootstrap 95 % i
 ``dice_per_patient`` and ``dice``), ``evaluation.json`` (what was evaluated and how: checkpoint,
 stage, options, preprocessing, scoring resolution, seen patients), ``per_patient.csv``
 (patient, slices, tumour pixels true/predicted, Dice, IoU, HD95 in pixels, volume similarity,
-detected), ``per_slice.csv`` and ``options.csv``.
+detected), ``per_slice.csv`` and ``options.csv``; and figures of the same numbers:
+``per_patient.png`` (each patient's Dice with the mean, median and interval),
+``worst_patients.png`` (the lowest-Dice patients' worst slices, errors coloured) and, with
+``eval.threshold=auto``, ``threshold.png`` (validation Dice against threshold). Loops show
+progress bars on a terminal.
 
 Every score is computed at the native resolution of the masks on disk, on the masks
 ``tlunet.predict`` would write (:mod:`tlunet.scoring`). Model, image size and normalisation
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +36,36 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import RichProgressBar
 
 from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
 from tlunet.cli import user_errors_exit
 from tlunet.errors import ConfigError
 from tlunet.lightning_compat import extra_callback
 from tlunet.metrics import SegmentationMetrics
-from tlunet.postprocess import best_threshold, parse_postprocess, postprocess_volume
+from tlunet.postprocess import (
+    parse_postprocess,
+    pick_threshold,
+    postprocess_volume,
+    threshold_curve,
+)
 from tlunet.scoring import scoring_info, threshold_masks, to_native
 from tlunet.stats import global_dice_ci, mean_ci
-from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
+from tlunet.utils import (
+    csv_text,
+    environment_info,
+    progress,
+    show_progress,
+    write_json_atomic,
+    write_text_atomic,
+)
+from tlunet.viz import (
+    FLAIR,
+    error_counts,
+    plot_error_slices,
+    plot_per_patient,
+    plot_threshold_curves,
+)
 from tlunet.volume_metrics import dice_iou, hd95, volume_similarity
 
 log = logging.getLogger(__name__)
@@ -159,10 +184,11 @@ def score_volumes(
 
 def tune_threshold(
     volumes: dict[int, Volume], postprocess: tuple[str, int] | None
-) -> tuple[float, float]:
-    """:func:`tlunet.postprocess.best_threshold` of ``volumes`` at native resolution, after
-    ``postprocess``: (threshold, global Dice)."""
-    return best_threshold([(native_probs(v), v.truth) for v in volumes.values()], postprocess)
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`tlunet.postprocess.threshold_curve` of ``volumes`` at native resolution, after
+    ``postprocess``: (thresholds, global Dice at each); :func:`~tlunet.postprocess.pick_threshold`
+    chooses from it."""
+    return threshold_curve([(native_probs(v), v.truth) for v in volumes.values()], postprocess)
 
 
 def patient_tables(
@@ -272,7 +298,25 @@ def volume_metrics(
     return {**values, **summary}, patients, slices
 
 
-def _collect(trainer: pl.Trainer, module: Any, loader: Any, tta: bool) -> PredictionCollector:
+class StageProgressBar(RichProgressBar):
+    """Lightning's rich bar on stderr, naming the stage a pass predicts (``description``)."""
+
+    def __init__(self) -> None:
+        super().__init__(console_kwargs={"stderr": True})
+        self.description = "Predicting"
+
+    @property
+    def test_description(self) -> str:
+        return self.description
+
+
+def _collect(
+    trainer: pl.Trainer, module: Any, loader: Any, tta: bool, stage: str
+) -> PredictionCollector:
+    """Run the model over ``loader`` (the slices of ``stage``), keeping every prediction."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, StageProgressBar):
+            callback.description = f"Predicting stage={stage}" + (" (+ flip)" if tta else "")
     with extra_callback(trainer, PredictionCollector(tta)) as collector:
         trainer.test(module, dataloaders=loader, verbose=False)
     return collector
@@ -386,14 +430,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         accelerator=cfg.accelerator,
         devices=1,
         logger=False,
-        callbacks=[],
-        enable_progress_bar=False,
+        # The model's passes show Lightning's bar on a terminal (stderr), as training does.
+        callbacks=[StageProgressBar()] if show_progress() else [],
+        enable_progress_bar=show_progress(),
         enable_model_summary=False,
         precision="32-true",
     )
     datamodule.trainer = trainer  # data.pin_memory=null: pinned when evaluating on CUDA
     loader = datamodule.dataloader(cfg.stage, shuffle=False)
-    collector = _collect(trainer, module, loader, tta == "flip")
+    collector = _collect(trainer, module, loader, tta == "flip", cfg.stage)
     baseline = {**trainer.callback_metrics, **module.epoch_metrics["test"]}
     names = datamodule.patients
     sources = {"plain": collector.volumes()}
@@ -404,13 +449,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # Thresholds: the checkpoint's, a given number, or (auto) tuned on the validation stage on
     # exactly the probabilities and post-processing of the row that uses it.
     tuned: dict[tuple[str, Any], tuple[float, float]] = {}
+    curves: dict[tuple[str, Any], tuple[np.ndarray, np.ndarray]] = {}
     if threshold_option == "auto":
-        val = _collect(trainer, module, datamodule.dataloader("val"), tta == "flip")
+        val = _collect(trainer, module, datamodule.dataloader("val"), tta == "flip", "val")
         val_sources = {"plain": val.volumes()}
         if tta == "flip":
             val_sources["tta"] = val.volumes(tta=True)
         for source, pp in {("plain", None), (selected, postprocess)}:
-            tuned[(source, pp)] = tune_threshold(val_sources[source], pp)
+            curves[(source, pp)] = tune_threshold(val_sources[source], pp)
+            tuned[(source, pp)] = pick_threshold(*curves[(source, pp)])
             log.info(
                 "eval.threshold=auto for %s probabilities%s: %.2f (validation Dice %.4f)",
                 source,
@@ -440,10 +487,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             ("all selected", selected, threshold_for(selected, postprocess), postprocess)
         )
     table = []
-    for name, source, thr, pp in variants:
-        values, patients, slices = volume_metrics(
-            score_volumes(sources[source], thr, pp), names, per_patient
-        )
+    for name, source, thr, pp in progress(variants, "Scoring"):
+        scored = score_volumes(sources[source], thr, pp)
+        values, patients, slices = volume_metrics(scored, names, per_patient)
         table.append((name, thr, values))
 
     # metrics.json, per_patient.csv, per_slice.csv: the selected options (the last variant).
@@ -522,14 +568,144 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     write_json_atomic(out_dir / "evaluation.json", info)
     write_json_atomic(out_dir / "metrics.json", metrics)
+    # Figures of the selected options (the last variant), drawn once every number is written.
+    figures = []
+    if per_patient:
+        figures += [
+            (
+                "per_patient.png",
+                lambda path: figure_per_patient(patients, metrics, table, cfg.stage, path),
+            ),
+            (
+                "worst_patients.png",
+                lambda path: figure_worst_patients(scored, patients, names, datamodule, path),
+            ),
+        ]
+    if curves:
+        figures.append(
+            (
+                "threshold.png",
+                lambda path: figure_threshold(curves, tuned, options, module.threshold, path),
+            )
+        )
+    files += [file for file, draw in figures if draw_figure(draw, out_dir / file)]
     log.info("Evaluation of %s on %s written to %s", cfg.ckpt_path, cfg.stage, out_dir)
     if not per_patient:
         print(
-            "data.split=paper: per-patient metrics, HD95 and per_patient.csv are not applicable "
-            "(a stage holds scattered slices of each patient)."
+            "data.split=paper: per-patient metrics, HD95, per_patient.csv and the per-patient "
+            "figures are not applicable (a stage holds scattered slices of each patient)."
         )
     print(f"Evaluation written to {out_dir}: {', '.join(files)}")
     return metrics
+
+
+def draw_figure(draw: Callable[[Path], Any], path: Path) -> bool:
+    """``draw(path)``; a failure logs a warning and returns False: a figure never costs an
+    evaluation its numbers."""
+    try:
+        draw(path)
+    except Exception as exc:
+        log.warning("Could not draw %s: %s: %s", path.name, type(exc).__name__, exc)
+        return False
+    return True
+
+
+#: How many of the lowest-Dice patients ``worst_patients.png`` shows.
+WORST_PATIENTS = 4
+
+
+def figure_per_patient(
+    patients: list[list[Any]],
+    metrics: dict[str, Any],
+    table: list[tuple[str, float, dict[str, Any]]],
+    stage: str,
+    path: Path,
+) -> None:
+    """``per_patient.png``: the Dice of each row of ``per_patient.csv`` with the mean, median
+    and bootstrap interval of the mean as written to ``metrics.json`` (``metrics``); the
+    options' row of ``table`` (the last) names the threshold and options."""
+    name, threshold, _ = table[-1]
+    summary = {
+        "mean": metrics.get(f"{stage}/dice_per_patient"),
+        "median": metrics.get(f"{stage}/dice_per_patient_median"),
+        "ci_low": metrics.get(f"{stage}/dice_per_patient_ci95_low"),
+        "ci_high": metrics.get(f"{stage}/dice_per_patient_ci95_high"),
+    }
+    options = "" if name == "baseline" else f", {name}"
+    count = f"{len(patients)} patient" + ("" if len(patients) == 1 else "s")
+    plot_per_patient(
+        [r[0] for r in patients],
+        [r[4] for r in patients],
+        [r[2] == 0 for r in patients],
+        summary,
+        f"Per-patient Dice, stage={stage} ({count}, threshold {threshold:g}{options})",
+        path,
+    )
+
+
+def worst_slices(
+    scored: dict[int, Scored], patients: list[list[Any]], names: list[str], count: int
+) -> list[tuple[int, int, float]]:
+    """The ``count`` lowest-Dice patients of ``patients`` (``per_patient.csv``'s rows; ties
+    in row order) with, for each, the position in its volume of the slice with the most
+    wrong pixels (false positives + false negatives; ties: the most tumour, then the first):
+    (patient id, slice position, the patient's Dice)."""
+    ids = {name: i for i, name in enumerate(names)}
+    worst = sorted(range(len(patients)), key=lambda k: patients[k][4])[:count]
+    out = []
+    for k in worst:
+        pid = ids[patients[k][0]]
+        item = scored[pid]
+        truth = item.volume.truth.astype(bool)
+        wrong = (item.pred != truth).reshape(len(truth), -1).sum(axis=1)
+        area = truth.reshape(len(truth), -1).sum(axis=1)
+        position = int(np.lexsort((-area, -wrong))[0])
+        out.append((pid, position, float(patients[k][4])))
+    return out
+
+
+def figure_worst_patients(
+    scored: dict[int, Scored],
+    patients: list[list[Any]],
+    names: list[str],
+    datamodule: Any,
+    path: Path,
+) -> None:
+    """``worst_patients.png``: for the lowest-Dice patients, the FLAIR channel of their slice
+    with the most wrong pixels, at native resolution, with the masks as scored."""
+    grays, truths, preds, titles = [], [], [], []
+    for pid, position, dice in worst_slices(scored, patients, names, WORST_PATIENTS):
+        item = scored[pid]
+        image = np.asarray(datamodule.decoded.images[int(item.volume.rows[position])])
+        truth, pred = item.volume.truth[position], item.pred[position]
+        tp, fp, fn = error_counts(truth, pred)
+        grays.append(image[..., FLAIR])
+        truths.append(truth)
+        preds.append(pred)
+        titles.append(
+            f"{names[pid]} slice {item.volume.numbers[position]}\n"
+            f"patient Dice {dice:.3f}; TP {tp}, FP {fp}, FN {fn} px"
+        )
+    if grays:
+        plot_error_slices(grays, truths, preds, titles, path)
+
+
+def figure_threshold(
+    curves: dict[tuple[str, Any], tuple[np.ndarray, np.ndarray]],
+    tuned: dict[tuple[str, Any], tuple[float, float]],
+    options: Any,
+    reference: float,
+    path: Path,
+) -> None:
+    """``threshold.png``: validation Dice against threshold for each tuned row (plain
+    probabilities; those of the selected options), the chosen thresholds marked."""
+    lines = []
+    for (source, pp), (grid, dices) in sorted(curves.items(), key=lambda kv: kv[0][1] is not None):
+        label = f"{source} probabilities" + (f", then {options.get('postprocess')}" if pp else "")
+        lines.append((label, grid, dices, *tuned[(source, pp)]))
+    plot_threshold_curves(
+        lines, reference, "eval.threshold=auto: global Dice on the validation stage", path
+    )
 
 
 def _cell(value: Any) -> Any:

@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from tlunet.errors import ConfigError
 from tlunet.overlap import dice_from_counts
+from tlunet.utils import progress
 
 
 def parse_postprocess(spec: str | None) -> tuple[str, int] | None:
@@ -51,26 +52,40 @@ def postprocess_volume(mask: np.ndarray, spec: tuple[str, int] | None) -> np.nda
     return keep[labels]
 
 
-def best_threshold(
+def threshold_curve(
     volumes: Sequence[tuple[np.ndarray, np.ndarray]],
     postprocess: tuple[str, int] | None = None,
     grid: np.ndarray | None = None,
-) -> tuple[float, float]:
-    """The threshold of ``grid`` (default 0.05..0.95 by 0.05) maximising the global Dice of
-    ``(probs, truth)`` volumes (each (S, H, W)) thresholded at ``probs >= t`` and then
-    post-processed with ``postprocess`` (a parsed spec, per volume): (threshold, Dice).
-    Ties go to the lowest threshold."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The global Dice of ``(probs, truth)`` volumes (each (S, H, W)) thresholded at
+    ``probs >= t`` and then post-processed with ``postprocess`` (a parsed spec, per volume), for
+    every threshold ``t`` of ``grid`` (default 0.05..0.95 by 0.05): (grid, Dice) float64."""
     grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if grid is None else np.asarray(grid)
     truths = [np.asarray(t).astype(bool) for _, t in volumes]
-    best = (float(grid[0]), -1.0)
-    for threshold in grid:
+    dices = np.empty(len(grid), dtype=np.float64)
+    for k, threshold in enumerate(progress(grid, "Tuning the threshold")):
         tp = fp = fn = 0
         for (probs, _), truth in zip(volumes, truths, strict=True):
             pred = postprocess_volume(np.asarray(probs) >= threshold, postprocess)
             tp += int(np.count_nonzero(pred & truth))
             fp += int(np.count_nonzero(pred & ~truth))
             fn += int(np.count_nonzero(~pred & truth))
-        dice = dice_from_counts(tp, fp, fn)
-        if dice > best[1]:
-            best = (float(threshold), dice)
-    return best
+        dices[k] = dice_from_counts(tp, fp, fn)
+    return grid, dices
+
+
+def best_threshold(
+    volumes: Sequence[tuple[np.ndarray, np.ndarray]],
+    postprocess: tuple[str, int] | None = None,
+    grid: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """The threshold of :func:`threshold_curve` with the highest global Dice: (threshold,
+    Dice). Ties go to the lowest threshold."""
+    return pick_threshold(*threshold_curve(volumes, postprocess, grid))
+
+
+def pick_threshold(grid: np.ndarray, dices: np.ndarray) -> tuple[float, float]:
+    """The (threshold, Dice) of a :func:`threshold_curve` with the highest Dice, the lowest
+    threshold among equals."""
+    best = int(np.argmax(dices))  # the first maximum: grids ascend
+    return float(grid[best]), float(dices[best])

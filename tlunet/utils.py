@@ -1,4 +1,4 @@
-"""Small helpers shared by the entry points: atomic files, run metadata."""
+"""Small helpers shared by the entry points: atomic files, run metadata, progress bars."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tlunet
 from tlunet.errors import ConfigError
@@ -30,6 +31,8 @@ _LIBRARIES = (
     "torchmetrics",
     "numpy",
 )
+T = TypeVar("T")
+_progress_active = False  # one live bar at a time: an inner loop's bar would fight the outer
 
 
 def _json_safe(value: Any) -> Any:
@@ -63,6 +66,46 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def show_progress() -> bool:
+    """Whether long loops draw progress bars: only on an interactive terminal (stderr is a
+    tty), and only in the first process of a distributed run. Logs, pipes, CI and the tests'
+    captured output get none."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0":
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+def progress(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Yield every item of ``iterable`` while a rich progress bar (``description``, done/total,
+    elapsed and remaining time) runs on stderr; the bar disappears when the loop ends. With no
+    terminal (:func:`show_progress`), or inside another :func:`progress` loop, nothing is drawn
+    and the items pass through unchanged. ``total``: the number of items, when ``iterable``
+    has no ``len``."""
+    global _progress_active
+    if _progress_active or not show_progress():
+        yield from iterable
+        return
+    from rich.console import Console  # here: nothing to import when no bar is drawn
+    from rich.progress import track
+
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    _progress_active = True
+    try:
+        yield from track(
+            iterable,
+            description=description,
+            total=total,
+            console=Console(stderr=True),
+            transient=True,
+        )
+    finally:
+        _progress_active = False
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

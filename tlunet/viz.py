@@ -1,4 +1,8 @@
-"""Figures: prediction panels like the paper's Fig. 5 (slice, true mask, predicted mask)."""
+"""Figures: prediction panels like the paper's Fig. 5, training curves, the dataset overview
+and the evaluation's pictures (per-patient Dice, worst patients, Dice against threshold).
+
+Predictions are drawn one way everywhere (:func:`overlay_errors`): the FLAIR channel in grey
+with true positives, false positives and false negatives in three colours."""
 
 from __future__ import annotations
 
@@ -10,17 +14,76 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
+from tlunet.utils import atomic_path  # noqa: E402
 from tlunet.volume_metrics import dice_iou  # noqa: E402
+
+#: RGB colours of :func:`overlay_errors`: tumour found, predicted where there is none, missed.
+OVERLAY_COLOURS = {
+    "true positive": (0, 200, 0),  # green
+    "false positive": (255, 0, 255),  # magenta
+    "false negative": (0, 170, 255),  # cyan-blue
+}
+#: Opacity of the overlay colours over the grey image.
+OVERLAY_ALPHA = 0.6
+#: The FLAIR channel of a kaggle_3m slice (pre-contrast, FLAIR, post-contrast).
+FLAIR = 1
 
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Write ``fig`` to ``path`` (creating its folder) and close it."""
+    """Write ``fig`` to ``path`` atomically (creating its folder; the format from the file's
+    suffix, PNG without one) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
+
+
+def overlay_errors(
+    gray: np.ndarray, truth: np.ndarray, pred: np.ndarray, alpha: float = OVERLAY_ALPHA
+) -> np.ndarray:
+    """A grey slice with the prediction's errors coloured: (H, W, 3) uint8 RGB.
+
+    ``gray``: (H, W) uint8 (the FLAIR channel); ``truth``, ``pred``: (H, W), nonzero = tumour,
+    the masks as scored (same size as ``gray``). True positives, false positives and false
+    negatives are blended with :data:`OVERLAY_COLOURS` at opacity ``alpha``; true negatives
+    keep their grey value (R = G = B = ``gray``).
+    """
+    gray = np.asarray(gray)
+    truth, pred = np.asarray(truth) > 0, np.asarray(pred) > 0
+    if gray.ndim != 2 or truth.shape != gray.shape or pred.shape != gray.shape:
+        raise ValueError(
+            f"overlay_errors needs (H, W) arrays of one size, got image {gray.shape}, "
+            f"truth {truth.shape}, prediction {pred.shape}"
+        )
+    out = np.repeat(gray.astype(np.float32)[..., None], 3, axis=2)
+    regions = (pred & truth, pred & ~truth, ~pred & truth)
+    for region, colour in zip(regions, OVERLAY_COLOURS.values(), strict=True):
+        out[region] = (1 - alpha) * out[region] + alpha * np.asarray(colour, np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def overlay_legend(fig: plt.Figure) -> None:
+    """The legend of :func:`overlay_errors`' colours, one row below the panels of ``fig`` (a
+    figure with ``layout="constrained"``)."""
+    handles = [
+        Patch(color=np.asarray(c) / 255.0, label=name) for name, c in OVERLAY_COLOURS.items()
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=7, frameon=False)
+
+
+def error_counts(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:
+    """(TP, FP, FN) pixel counts of binary masks (nonzero = tumour)."""
+    truth, pred = np.asarray(truth) > 0, np.asarray(pred) > 0
+    return (
+        int(np.count_nonzero(pred & truth)),
+        int(np.count_nonzero(pred & ~truth)),
+        int(np.count_nonzero(~pred & truth)),
+    )
 
 
 def denormalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -38,25 +101,25 @@ def plot_predictions(
     titles: Sequence[str],
     path: str | Path,
 ) -> Path:
-    """Write a panel: one row per slice with the MRI slice, the true mask and the predicted mask.
+    """Write a panel: one row per slice with the MRI slice and its FLAIR channel with the
+    prediction's true positives, false positives and false negatives (:func:`overlay_errors`).
 
     ``images``: (N, H, W, 3) uint8 (channels pre-contrast, FLAIR, post-contrast shown as RGB);
-    ``truths``/``preds``: (N, H, W) in {0, 1}; ``titles``: one label per row.
+    ``truths``/``preds``: (N, H, W) in {0, 1}, the same size; ``titles``: one label per row.
     """
     n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
+    fig, axes = plt.subplots(
+        n, 2, figsize=(5.4, 2.7 * n + 0.4), squeeze=False, layout="constrained"
+    )
     for i in range(n):
         dice = dice_iou(preds[i] > 0, truths[i] > 0)[0]
-        panels = [
-            (images[i], f"{titles[i]}", None),
-            (truths[i], "true mask", "gray"),
-            (preds[i], f"predicted (Dice {dice:.2f})", "gray"),
-        ]
-        for ax, (img, title, cmap) in zip(axes[i], panels, strict=True):
-            ax.imshow(img, cmap=cmap, vmin=0, vmax=1 if cmap else None)
-            ax.set_title(title, fontsize=8)
+        axes[i][0].imshow(images[i])
+        axes[i][0].set_title(titles[i], fontsize=8)
+        axes[i][1].imshow(overlay_errors(images[i][..., FLAIR], truths[i], preds[i]))
+        axes[i][1].set_title(f"FLAIR, prediction (Dice {dice:.2f})", fontsize=8)
+        for ax in axes[i]:
             ax.axis("off")
-    fig.tight_layout()
+    overlay_legend(fig)
     return save_figure(fig, path)
 
 
@@ -134,5 +197,135 @@ def plot_dataset_overview(
         for j, ax in enumerate(axes[i]):
             ax.set_title(f"{titles[i]}\n{names[j]}" if j == 0 else names[j], fontsize=7)
             ax.axis("off")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_per_patient(
+    names: Sequence[str],
+    dices: Sequence[float],
+    tumour_free: Sequence[bool],
+    summary: dict[str, float],
+    title: str,
+    path: str | Path,
+) -> Path:
+    """Sorted dot plot of per-patient Dice: one point per patient (worst at the bottom; an open
+    circle where the patient's truth has no tumour), with ``summary``'s ``mean``, ``median``
+    and bootstrap 95 % interval of the mean (``ci_low``, ``ci_high``) marked and labelled.
+    The summary numbers are drawn as given, not recomputed."""
+    order = np.argsort(np.asarray(dices, dtype=np.float64), kind="stable")
+    n = len(order)
+    ys = np.arange(n)
+    x = np.asarray(dices, dtype=np.float64)[order]
+    free = np.asarray(tumour_free, dtype=bool)[order]
+    height = float(np.clip(1.6 + 0.22 * n, 3.2, 16.0))
+    fig, ax = plt.subplots(figsize=(8.4, height), layout="constrained")
+    low, high = summary.get("ci_low"), summary.get("ci_high")
+    if _finite(low) and _finite(high):
+        ax.axvspan(
+            low,
+            high,
+            color="tab:blue",
+            alpha=0.15,
+            lw=0,
+            label=f"95 % CI of the mean [{low:.3f}, {high:.3f}]",
+        )
+    else:  # said, not silently left out
+        ax.plot([], [], " ", label="95 % CI of the mean: not defined (fewer than 2 patients)")
+    if _finite(summary.get("mean")):
+        ax.axvline(summary["mean"], color="tab:blue", lw=1.5, label=f"mean {summary['mean']:.3f}")
+    if _finite(summary.get("median")):
+        ax.axvline(
+            summary["median"],
+            color="tab:orange",
+            lw=1.5,
+            ls="--",
+            label=f"median {summary['median']:.3f}",
+        )
+    ax.scatter(x[~free], ys[~free], s=22, color="black", zorder=3, label="patient")
+    if free.any():
+        ax.scatter(
+            x[free],
+            ys[free],
+            s=22,
+            facecolors="none",
+            edgecolors="black",
+            zorder=3,
+            label="patient without tumour",
+        )
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.7, n - 0.3)
+    if n <= 60:
+        ax.set_yticks(ys, [names[i] for i in order], fontsize=max(5, min(8, int(400 / max(n, 1)))))
+    else:
+        ax.set_yticks([])
+        ax.set_ylabel(f"{n} patients, sorted by Dice")
+    ax.set_xlabel("Dice of the patient's volume")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.legend(fontsize=7, loc="outside right upper", frameon=False)
+    return save_figure(fig, path)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and bool(np.isfinite(value))
+
+
+def plot_error_slices(
+    grays: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    preds: Sequence[np.ndarray],
+    titles: Sequence[str],
+    path: str | Path,
+) -> Path:
+    """One panel per slice, side by side: :func:`overlay_errors` of each ``grays[i]`` (H, W)
+    uint8 with ``truths[i]``, ``preds[i]`` (H, W) binary, titled ``titles[i]``; the colours'
+    legend below."""
+    n = len(grays)
+    if n == 0:
+        raise ValueError("plot_error_slices needs at least one slice")
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 4.0), squeeze=False, layout="constrained")
+    for ax, gray, truth, pred, title in zip(axes[0], grays, truths, preds, titles, strict=True):
+        ax.imshow(overlay_errors(gray, truth, pred))
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    overlay_legend(fig)
+    return save_figure(fig, path)
+
+
+def plot_threshold_curves(
+    curves: Sequence[tuple[str, np.ndarray, np.ndarray, float, float]],
+    reference: float | None,
+    title: str,
+    path: str | Path,
+) -> Path:
+    """Dice against threshold: one line per ``(label, thresholds, dices, chosen threshold,
+    its Dice)``, the chosen threshold marked; ``reference`` (e.g. the checkpoint's threshold)
+    as a thin grey line."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    if reference is not None:
+        ax.axvline(
+            reference, color="grey", lw=0.8, ls=":", label=f"checkpoint's threshold {reference:g}"
+        )
+    for (label, grid, dices, chosen, best), colour in zip(
+        curves, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False
+    ):
+        ax.plot(grid, dices, marker="o", markersize=3, color=colour, label=label)
+        ax.axvline(chosen, color=colour, lw=1, ls="--")
+        ax.plot(
+            [chosen],
+            [best],
+            marker="*",
+            markersize=12,
+            color=colour,
+            zorder=3,
+            label=f"chosen {chosen:g} (Dice {best:.3f})",
+        )
+    ax.set_xlabel("threshold (probability at or above: tumour)")
+    ax.set_ylabel("Dice")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return save_figure(fig, path)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tests.conftest import run_cli, train_tiny
-from tlunet.evaluate import Scored, Volume, flip_tta, patient_tables
+from tlunet.evaluate import Scored, Volume, draw_figure, flip_tta, patient_tables, worst_slices
 from tlunet.module import SegmentationModule
 from tlunet.volume_metrics import dice_iou, hd95, volume_similarity
 
@@ -180,6 +180,18 @@ def test_evaluate_reproduces_the_run(tiny_run: Path, tmp_path: Path) -> None:
     slices = list(csv.DictReader(open(eval_dir / "per_slice.csv")))
     assert len(slices) == sum(int(p["slices"]) for p in patients) == original["test/num_slices"]
     assert "test/hd95_per_patient" in again and "test/volume_similarity_per_patient" in again
+    # The figures: per-patient Dice and the worst patients' slices; no threshold curve
+    # without eval.threshold=auto.
+    for name in ("per_patient.png", "worst_patients.png"):
+        _assert_png(eval_dir / name)
+        assert name in out.stdout  # listed with the files written
+    assert not (eval_dir / "threshold.png").exists()
+
+
+def _assert_png(path: Path) -> None:
+    """A real PNG of more than a blank canvas."""
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert path.stat().st_size > 5000, path
 
 
 @pytest.mark.slow
@@ -213,9 +225,46 @@ def test_evaluate_options_reported_separately(tiny_run: Path, tmp_path: Path) ->
     by_name = {r["option"]: float(r["threshold"]) for r in rows}
     assert by_name["threshold=auto"] == tuned["plain"]["threshold"]
     assert by_name["all selected"] == tuned["tta+largest_component"]["threshold"]
+    _assert_png(eval_dir / "threshold.png")  # the validation curve of eval.threshold=auto
+    _assert_png(eval_dir / "per_patient.png")
     expected = _tune_on_validation(tiny_run / "checkpoints" / "best.ckpt", tta=True)
     assert tuned["tta+largest_component"]["threshold"] == expected[0]
     assert tuned["tta+largest_component"]["validation_dice"] == pytest.approx(expected[1])
+
+
+def test_worst_slices_are_the_lowest_dice_patients_largest_errors() -> None:
+    """worst_patients.png shows the lowest-Dice patients, each at its slice with the most
+    false positives + false negatives of the masks as scored."""
+
+    def scored(truth: np.ndarray, pred: np.ndarray) -> Scored:
+        n = len(truth)
+        volume = Volume(list(range(10, 10 + n)), np.arange(n), pred.astype(np.float32), truth, None)
+        return Scored(volume, pred.astype(np.float32), pred.astype(bool))
+
+    truth = np.zeros((3, 6, 6), np.uint8)
+    truth[:, 1:4, 1:4] = 1
+    good = truth.astype(bool)
+    bad = good.copy()
+    bad[0, 1, 1] = False  # 1 wrong pixel on slice 0
+    bad[2, :, 5] = True  # 6 wrong pixels on slice 2: the worst slice
+    worse = np.zeros_like(good)
+    worse[1, 0, 0] = True  # slice 1: 9 missed + 1 false = 10; the others 9 missed each
+    volumes = {0: scored(truth, good), 1: scored(truth, bad), 2: scored(truth, worse)}
+    patients, _, _ = patient_tables(volumes, ["p0", "p1", "p2"], per_patient=True)
+    picked = worst_slices(volumes, patients, ["p0", "p1", "p2"], count=2)
+    assert [(pid, position) for pid, position, _ in picked] == [(2, 1), (1, 2)]
+    assert picked[0][2] == patients[2][4] == 0.0  # the Dice of per_patient.csv
+    assert picked[1][2] == pytest.approx(dice_iou(bad, good)[0])
+    assert len(worst_slices(volumes, patients, ["p0", "p1", "p2"], count=4)) == 3
+
+
+def test_a_figure_that_fails_is_a_warning(tmp_path: Path, caplog) -> None:
+    def broken(path: Path) -> None:
+        raise MemoryError("canvas too large")
+
+    assert not draw_figure(broken, tmp_path / "per_patient.png")
+    assert "per_patient.png" in caplog.text and "canvas too large" in caplog.text
+    assert draw_figure(lambda path: path.write_bytes(b"x"), tmp_path / "ok.png")
 
 
 def _tune_on_validation(ckpt: Path, tta: bool) -> tuple[float, float]:

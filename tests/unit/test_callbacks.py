@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.demos.boring_classes import BoringModel
 
 from tlunet.callbacks import ModelCheckpoint, PredictionFigure
+from tlunet.scoring import native_masks
 
 
 def test_prediction_figure_rows(tmp_path: Path, monkeypatch) -> None:
@@ -49,6 +51,64 @@ def test_prediction_figure_rows(tmp_path: Path, monkeypatch) -> None:
     assert [int(t.sum()) for t in drawn["truths"]] == [16, 1, 0, 0]
     assert drawn["images"].shape == (4, 8, 8, 3) and drawn["images"].dtype.name == "uint8"
     assert drawn["images"][3].max() == round(0.8 * 255)
+
+
+def test_prediction_figure_draws_the_slices_as_scored(tmp_path: Path) -> None:
+    """With native masks and decoded slices: the slice as on disk, the native mask, and the
+    probabilities resized to it then thresholded (what the scores count), in three colours."""
+    decoded = np.zeros((2, 16, 16, 3), np.uint8)
+    decoded[1, :, :, 1] = 77  # the FLAIR channel of row 1
+    trainer = SimpleNamespace(
+        is_global_zero=True,
+        datamodule=SimpleNamespace(
+            patients=["A"],
+            preprocessing={"mean": (0, 0, 0), "std": (1, 1, 1)},
+            decoded=SimpleNamespace(images=decoded),
+        ),
+    )
+    fig = PredictionFigure(str(tmp_path / "predictions.png"))
+    fig.on_test_epoch_start(trainer, SimpleNamespace(threshold=0.5))
+    native = torch.zeros(1, 1, 16, 16, dtype=torch.uint8)
+    native[0, 0, :8, :8] = 1  # 64 tumour pixels at 16 px
+    probs = torch.zeros(1, 1, 8, 8)
+    probs[0, 0, :4, :2] = 1.0  # at 16 px: 8 rows, about 3 columns
+    batch = {
+        "image": torch.zeros(1, 3, 8, 8),
+        "mask": torch.zeros(1, 1, 8, 8),
+        "mask_native": native,
+        "patient": torch.tensor([0]),
+        "slice": torch.tensor([4]),
+        "row": torch.tensor([1]),
+    }
+    fig.on_test_batch_end(trainer, SimpleNamespace(threshold=0.5), {"probs": probs}, batch, 0)
+    ((image, truth, pred, *_),) = [row for _, row in fig._tumour.values()]
+    assert image.shape == (16, 16, 3) and image[..., 1].max() == 77
+    assert truth.shape == pred.shape == (16, 16) and truth.sum() == 64
+    expected = native_masks(probs, (16, 16), 0.5)[0, 0].numpy()
+    np.testing.assert_array_equal(pred, expected)
+    assert 0 < pred.sum() < 64  # resized then thresholded: some found, some missed
+    fig.on_test_epoch_end(trainer, SimpleNamespace(threshold=0.5))
+    assert (tmp_path / "predictions.png").stat().st_size > 5000
+
+
+def test_prediction_figure_failure_is_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr("tlunet.callbacks.plot_predictions", broken)
+    trainer = SimpleNamespace(is_global_zero=True, datamodule=SimpleNamespace(patients=["A"]))
+    fig = PredictionFigure(str(tmp_path / "p.png"))
+    batch = {
+        "image": torch.zeros(1, 3, 8, 8),
+        "mask": torch.ones(1, 1, 8, 8),
+        "patient": torch.tensor([0]),
+        "slice": torch.tensor([1]),
+    }
+    module = SimpleNamespace(threshold=0.5)
+    fig.on_test_batch_end(trainer, module, {"probs": torch.ones(1, 1, 8, 8)}, batch, 0)
+    fig.on_test_epoch_end(trainer, module)  # does not raise
+    assert "Could not draw the prediction figure" in caplog.text and "no fonts" in caplog.text
+    assert not (tmp_path / "p.png").exists()
 
 
 class _WorseEveryEpoch(BoringModel):

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from tlunet.errors import ConfigError
-from tlunet.postprocess import best_threshold, parse_postprocess, postprocess_volume
+from tlunet.postprocess import (
+    best_threshold,
+    parse_postprocess,
+    pick_threshold,
+    postprocess_volume,
+    threshold_curve,
+)
 
 
 def _volume() -> np.ndarray:
@@ -61,6 +67,19 @@ def test_best_threshold_counts_the_post_processing() -> None:
         plain,
         dice_plain,
     )
+
+
+def test_threshold_curve_is_what_the_threshold_is_chosen_from() -> None:
+    """threshold.png draws this curve: its maximum is the tuned threshold."""
+    truth = np.array([1, 1, 0, 0, 0], bool).reshape(1, 1, 5)
+    probs = np.array([0.9, 0.35, 0.3, 0.1, 0.05]).reshape(1, 1, 5)
+    grid, dices = threshold_curve([(probs, truth)])
+    assert len(grid) == len(dices) == 19 and grid[0] == 0.05 and grid[-1] == 0.95
+    by_t = dict(zip(grid.tolist(), dices.tolist(), strict=True))
+    assert by_t[0.3] == pytest.approx(4 / 5)  # 2 TP + 1 FP
+    assert by_t[0.35] == pytest.approx(1.0) and by_t[0.5] == pytest.approx(2 / 3)
+    assert pick_threshold(grid, dices) == best_threshold([(probs, truth)])
+    assert pick_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.5, 0.9, 0.9])) == (0.2, 0.9)
 
 
 def test_min_size_spellings() -> None:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import io
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 
-from tlunet.utils import atomic_path, write_json_atomic, write_text_atomic
+from tlunet.utils import (
+    atomic_path,
+    progress,
+    show_progress,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def test_atomic_path_replaces_the_file_only_on_success(tmp_path: Path) -> None:
@@ -65,3 +73,41 @@ def test_tensors_load_safely_or_fail_naming_the_file(tmp_path: Path) -> None:
     torch.save({"w": argparse.Namespace(w=1)}, pickled)  # an object: needs pickled code to load
     with pytest.raises(ConfigError, match=r"Cannot load weights '.*pickled\.pt' safely"):
         load_tensors_safely(pickled, "weights ")
+
+
+def test_progress_is_silent_off_a_terminal_and_yields_every_item(capfd) -> None:
+    """pytest captures stdout and stderr: no terminal, so no bar, and nothing is lost."""
+    assert not show_progress()
+    items = list(progress(iter(range(500)), "Counting", total=500))
+    assert items == list(range(500))
+    assert list(progress([], "Nothing")) == []
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_draws_on_a_terminal_and_still_yields_every_item(monkeypatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert show_progress()
+    outer = []
+    for i in progress(range(3), "Outer"):
+        outer.append((i, list(progress(range(i), "Inner"))))  # nested: plain, no second bar
+    assert outer == [(0, []), (1, [0]), (2, [0, 1])]
+    assert "Outer" in terminal.getvalue() and "Inner" not in terminal.getvalue()
+    # A loop left by an error stops its bar at once: the error's message is not drawn over,
+    # and the next loop has its bar.
+    with pytest.raises(ValueError, match="bad slice"):
+        for i in progress(range(5), "Failing"):
+            if i == 2:
+                raise ValueError("bad slice")
+    assert list(progress(range(2), "After")) == [0, 1]
+    assert "After" in terminal.getvalue()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another process of a distributed run: quiet
+    assert not show_progress()

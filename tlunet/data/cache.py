@@ -29,6 +29,7 @@ import tifffile
 
 from tlunet.data.index import SliceRecord, problem
 from tlunet.errors import ConfigError, DataError
+from tlunet.utils import progress
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def cache_key(records: Sequence[SliceRecord], root: Path, on_error: str = "raise
 
 def _decode_into(records: Sequence[SliceRecord], images: np.ndarray, masks: np.ndarray) -> None:
     shape = images.shape[1:3]
-    for i, r in enumerate(records):
+    for i, r in enumerate(progress(records, "Decoding slices")):
         img = read_image(r.image_path)
         msk = read_mask(r.mask_path)
         if img.shape[:2] != shape:
@@ -151,7 +152,7 @@ def scan_slices(records: Sequence[SliceRecord], keep_arrays: bool = False) -> Sl
     found: list[tuple[int, dict[str, str]]] = []
     # (row, image (H, W), mask shape, has tumour, arrays when kept): no arrays held otherwise
     read: list[tuple[int, tuple[int, ...], tuple[int, ...], bool, tuple | None]] = []
-    for i, r in enumerate(records):
+    for i, r in enumerate(progress(records, "Reading slices")):
         path = r.image_path
         try:
             img = read_image(path)
