@@ -364,7 +364,8 @@ def job_evaluate(ckpt_path: str, root: str, device: str, out_dir: str) -> dict[s
 
 def job_predict(ckpt_path: str, folders: list[str], device: str, out_dir: str) -> dict[str, Any]:
     """``tlunet.predict`` on each patient folder in turn (masks, overlays, areas written)."""
-    from tlunet.predict import list_inputs, predict
+    from tlunet.predict import predict
+    from tlunet.slices import list_inputs
 
     slices = 0
     started = time.perf_counter()

@@ -5,7 +5,8 @@ Every score tlunet reports (validation, test, ``tlunet.evaluate``) and every mas
 network runs at ``data.image_size``, its probabilities are resized bilinearly to the size of
 the masks on disk, and only then thresholded. So a Dice, a tumour-pixel count or an HD95 means
 the same thing whatever size the network ran at, and ``evaluate`` scores exactly the masks
-``predict`` writes.
+``predict`` writes. The resize itself is :func:`tlunet.resolution.resize_probs` (OpenCV, no
+PyTorch), the one ``tlunet.predict_onnx`` calls too.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
+
+from tlunet.resolution import resize_probs
 
 
 def to_native(probs: Tensor, size: Sequence[int]) -> Tensor:
-    """Probabilities (N, 1, h, w) resized to (N, 1, H, W) = ``size``, float32.
+    """Probabilities (N, 1, h, w) resized to (N, 1, H, W) = ``size``, float32, on ``probs``'
+    device.
 
-    Bilinear interpolation with half-pixel centres (``align_corners=False``, as OpenCV's and
-    albumentations' ``INTER_LINEAR``); unchanged when the sizes already agree. Each slice is
-    resized on its own, so the result does not depend on the batch it came in.
+    Bilinear interpolation with half-pixel centres (OpenCV's ``INTER_LINEAR``, as
+    albumentations' resize and ``F.interpolate(..., align_corners=False)``), through
+    :func:`tlunet.resolution.resize_probs` on the CPU: the same arithmetic as
+    ``tlunet.predict_onnx``, so both predict commands and every score agree pixel for pixel.
+    Unchanged when the sizes already agree. Each slice is resized on its own, so the result
+    does not depend on the batch it came in.
     """
     if probs.ndim != 4 or probs.shape[1] != 1:
         raise ValueError(f"probs must have shape (N, 1, h, w), got {tuple(probs.shape)}")
@@ -31,9 +37,8 @@ def to_native(probs: Tensor, size: Sequence[int]) -> Tensor:
     probs = probs.float()
     if tuple(probs.shape[-2:]) == (height, width):
         return probs
-    return F.interpolate(
-        probs.contiguous(), size=(height, width), mode="bilinear", align_corners=False
-    )
+    resized = resize_probs(probs[:, 0].detach().cpu().numpy(), (height, width))
+    return torch.from_numpy(resized)[:, None].to(probs.device)
 
 
 def threshold_masks(probs: Tensor, threshold: float) -> Tensor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli, train_tiny
+from tests.integration.test_predict_onnx import assert_same_predictions, run_without_torch
 from tlunet.evaluate import load_checkpoint, module_from_checkpoint
 
 
@@ -50,7 +51,8 @@ def test_export_unknown_format(tiny_run: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_export_carries_the_aux_heads_output(synthetic_root_128: Path, tmp_path: Path) -> None:
     """A model trained with the aux head exports both outputs (mask logits, label logits),
-    each within 1e-4 of PyTorch; the sidecar names them; predict lists the head's answer."""
+    each within 1e-4 of PyTorch; the sidecar names them; predict lists the head's answer, and
+    predict_onnx too."""
     run_dir = train_tiny(synthetic_root_128, tmp_path / "train", "model.aux_head=true")
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     target = tmp_path / "aux.onnx"
@@ -84,6 +86,14 @@ def test_export_carries_the_aux_heads_output(synthetic_root_128: Path, tmp_path:
     for row in rows:
         probability, detected = row.split(",")[-2:]
         assert 0.0 <= float(probability) <= 1.0 and int(detected) == (float(probability) >= 0.5)
+    # predict_onnx, without PyTorch, on the exported model: the same masks and overlays, the
+    # head's columns too (its probability to onnxruntime's precision: 6 decimals are written).
+    onnx_pred = tmp_path / "pred_onnx"
+    out = run_without_torch(
+        [f"model={target}", f"input={patient}", f"output={onnx_pred}"], tmp_path
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert_same_predictions(pred, onnx_pred, csv_columns_close={"aux_tumour_probability": 1e-5})
 
     # A checkpoint of tlunet < 0.3 (the head beside the network, the module node without its
     # network): evaluate/predict/export load it into today's network, same outputs.

@@ -24,6 +24,7 @@ COMMANDS = {
     "tlunet-evaluate": "tlunet.evaluate",
     "tlunet-predict": "tlunet.predict",
     "tlunet-export": "tlunet.export",
+    "tlunet-predict-onnx": "tlunet.predict_onnx",
     "tlunet-report": "tlunet.report",
     "tlunet-compare": "tlunet.compare",
     "tlunet-study": "tlunet.study",
