@@ -93,6 +93,11 @@ def _nifti_files(folder: Path) -> list[Path]:
     )
 
 
+def _check_channels(channels: str) -> None:
+    if channels not in CHANNEL_MODES:
+        raise ConfigError(f"nifti.channels={channels!r} is not one of {', '.join(CHANNEL_MODES)}.")
+
+
 def find_volumes(folder: Path, patterns: Mapping[str, str], channels: str) -> dict[str, Path]:
     """The file of each role (``pre``, ``flair``, ``post``; ``flair`` alone for ``flair_only``)
     in ``folder``: the one NIfTI file whose name matches ``patterns[role]`` (case-insensitive).
@@ -100,8 +105,7 @@ def find_volumes(folder: Path, patterns: Mapping[str, str], channels: str) -> di
     Raises :class:`DataError` naming the folder and the pattern when a pattern matches no file
     or several, or when one file matches two roles.
     """
-    if channels not in CHANNEL_MODES:
-        raise ConfigError(f"nifti.channels={channels!r} is not one of {', '.join(CHANNEL_MODES)}.")
+    _check_channels(channels)
     roles = ROLES if channels == "all" else ("flair",)
     files = _nifti_files(folder)
     found: dict[str, Path] = {}
@@ -315,6 +319,7 @@ def read_case(
     """Find, read, check and slice one case. ``source`` is the case's folder, or (under
     ``flair_only``) the FLAIR file itself. Every problem raises one :class:`DataError` naming
     the file (or the folder and the pattern) before any model is needed."""
+    _check_channels(channels)
     if source.is_file():
         if channels != "flair_only":
             raise DataError(

@@ -155,6 +155,8 @@ def test_nifti_config_problems_come_before_the_checkpoint(
         predict_module.predict(_cfg(synthetic_root, tmp_path / "out", "nifti.channels=flair_only"))
     with pytest.raises(ConfigError, match="nifti.channels='t1' is not one of all, flair_only"):
         predict_module.predict(_cfg(folder, tmp_path / "out", "nifti.channels=t1"))
+    with pytest.raises(ConfigError, match="nifti.channels='t1' is not one of all, flair_only"):
+        predict_module.predict(_cfg(folder / "FLAIR.nii.gz", tmp_path / "out", "nifti.channels=t1"))
     with pytest.raises(ConfigError, match="is the input's folder"):  # a kaggle_3m folder too
         predict_module.predict(_cfg(synthetic_root, synthetic_root))
 
