@@ -1,4 +1,4 @@
-"""Segment new slices with a trained checkpoint.
+"""Segment new slices, kaggle_3m folders and NIfTI volumes with a trained checkpoint.
 
     python -m tlunet.predict ckpt_path=outputs/runs/<run>/checkpoints/best.ckpt input=PATH output=DIR
 
@@ -8,11 +8,19 @@ slices, or a kaggle_3m patient folder (its ``*_mask.tif`` files are ignored). Fo
 input's height and width) and ``overlays/<name>.png`` (the prediction's contour in red on the
 FLAIR channel), and ``tumour_area.csv`` lists the tumour area per slice (and, for a model
 trained with the aux head, the head's slice-level tumour probability,
-``aux_tumour_probability``, and its answer at 0.5). Resizing and
-normalisation come from the checkpoint; the probabilities are resized back to each input's size
-and then thresholded (:mod:`tlunet.scoring`), exactly as ``tlunet.evaluate`` scores them. The output folder must differ from the input's:
-nothing is ever overwritten there. Everything but the network (inputs, resizing back, the
-files written) is :func:`tlunet.slices.segment`, shared with ``tlunet.predict_onnx``.
+``aux_tumour_probability``, and its answer at 0.5). Resizing and normalisation come from the
+checkpoint; the probabilities are resized back to each input's size and then thresholded
+(:mod:`tlunet.resolution`), exactly as ``tlunet.evaluate`` scores them.
+
+PATH may also be a kaggle_3m folder (of patient folders): ``DIR/<patient>/`` as above for each
+patient, and ``DIR/tumour_volume.csv`` with one row per patient (slices, slices with tumour,
+tumour pixels: the slices carry no voxel size, so no mm or mL). Or a folder holding one
+patient's NIfTI volumes (:mod:`tlunet.nifti`, keys ``nifti.*``): its axial slices are segmented
+the same way and DIR receives ``mask.nii.gz`` (uint8 0/1 on the FLAIR volume's grid, its
+affine) and ``tumour_volume.json`` (voxels and mL). Every input problem is reported before the
+checkpoint is loaded. The output folder must differ from the input's: nothing is ever
+overwritten there. Everything but the network is :func:`tlunet.slices.run_prediction`, shared
+with ``tlunet.predict_onnx``.
 """
 
 from __future__ import annotations
@@ -30,19 +38,14 @@ from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
 from tlunet.cli import user_errors_exit
 from tlunet.data.transforms import build_transform
 from tlunet.errors import ConfigError
-from tlunet.slices import prediction_inputs, segment
+from tlunet.slices import Infer, run_prediction
 
 log = logging.getLogger(__name__)
 
 
-def predict(cfg: DictConfig) -> Path:
-    if not cfg.ckpt_path or not cfg.input or not cfg.output:
-        raise ConfigError(
-            "ckpt_path, input and output must all be given: "
-            "python -m tlunet.predict ckpt_path=... input=PATH output=DIR"
-        )
-    out = Path(str(cfg.output)).expanduser()
-    files = prediction_inputs(Path(str(cfg.input)).expanduser(), out)
+def checkpoint_loader(cfg: DictConfig) -> tuple[Infer, float, bool]:
+    """The checkpoint's network as an :data:`tlunet.slices.Infer`, its threshold (or
+    ``cfg.threshold``) and whether it has the aux head."""
     checkpoint = load_checkpoint(cfg.ckpt_path)
     pre = (checkpoint.get("tlunet") or {}).get("preprocessing")
     if not pre:
@@ -59,7 +62,22 @@ def predict(cfg: DictConfig) -> Path:
         probs, detect = module.predict_probs(batch.to(device))
         return probs.float().cpu().numpy(), None if detect is None else detect.float().cpu().numpy()
 
-    return segment(files, out, infer, threshold, int(cfg.batch_size), module.has_aux)
+    return infer, float(threshold), bool(module.has_aux)
+
+
+def predict(cfg: DictConfig) -> Path:
+    if not cfg.ckpt_path or not cfg.input or not cfg.output:
+        raise ConfigError(
+            "ckpt_path, input and output must all be given: "
+            "python -m tlunet.predict ckpt_path=... input=PATH output=DIR"
+        )
+    return run_prediction(
+        Path(str(cfg.input)).expanduser(),
+        Path(str(cfg.output)).expanduser(),
+        lambda: checkpoint_loader(cfg),
+        int(cfg.batch_size),
+        cfg.nifti,
+    )
 
 
 @hydra.main(version_base="1.3", config_path="pkg://tlunet.conf", config_name="predict")

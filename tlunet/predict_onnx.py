@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from tlunet.cli import user_errors_exit
 from tlunet.errors import ConfigError
 from tlunet.resolution import network_input, sigmoid, softmax
-from tlunet.slices import prediction_inputs, segment
+from tlunet.slices import Infer, run_prediction
 
 CONFIG_NAME = "predict_onnx"
 #: What the sidecar must hold (``tlunet.export`` writes them all).
@@ -152,21 +152,29 @@ def predict_onnx(cfg: DictConfig) -> Path:
     if not model.is_file():
         raise ConfigError(f"model '{model}' does not exist (an .onnx file from tlunet.export).")
     sidecar = read_sidecar(model)
-    out = Path(str(cfg.output)).expanduser()
-    files = prediction_inputs(Path(str(cfg.input)).expanduser(), out)
-    session = load_session(model, sidecar)
-    threshold = float(cfg.threshold if cfg.threshold is not None else sidecar["threshold"])
-    size, mean, std = sidecar["image_size"], sidecar["mean"], sidecar["std"]
-    names = sidecar["output_names"]
-    has_aux = "label_logits" in names
 
-    def infer(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        batch = np.stack([network_input(image, size, mean, std) for image in images])
-        outputs = dict(zip(names, session.run(names, {"image": batch}), strict=True))
-        detect = softmax(outputs["label_logits"])[:, 1] if has_aux else None
-        return sigmoid(outputs["logits"]), detect
+    def load() -> tuple[Infer, float, bool]:
+        session = load_session(model, sidecar)
+        threshold = float(cfg.threshold if cfg.threshold is not None else sidecar["threshold"])
+        size, mean, std = sidecar["image_size"], sidecar["mean"], sidecar["std"]
+        names = sidecar["output_names"]
+        has_aux = "label_logits" in names
 
-    return segment(files, out, infer, threshold, int(cfg.batch_size), has_aux)
+        def infer(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+            batch = np.stack([network_input(image, size, mean, std) for image in images])
+            outputs = dict(zip(names, session.run(names, {"image": batch}), strict=True))
+            detect = softmax(outputs["label_logits"])[:, 1] if has_aux else None
+            return sigmoid(outputs["logits"]), detect
+
+        return infer, threshold, has_aux
+
+    return run_prediction(
+        Path(str(cfg.input)).expanduser(),
+        Path(str(cfg.output)).expanduser(),
+        load,
+        int(cfg.batch_size),
+        cfg.nifti,
+    )
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name=CONFIG_NAME)

@@ -31,7 +31,8 @@ class SliceRecord:
     mask_path: Path
 
 
-def _patient_dirs(root: Path) -> list[Path]:
+def patient_dirs(root: Path) -> list[Path]:
+    """The patient folders of a kaggle_3m folder: visible sub-folders holding .tif files."""
     return sorted(
         p
         for p in root.iterdir()
@@ -84,7 +85,7 @@ def scan_kaggle3m(
     image. A missing root or a root without patient folders always raises.
     """
     root = check_root(root)
-    patients = _patient_dirs(root)
+    patients = patient_dirs(root)
     if not patients:
         hint = ""
         if (root / "kaggle_3m").is_dir():
