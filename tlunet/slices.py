@@ -27,7 +27,7 @@ from tlunet.data.index import patient_dirs
 from tlunet.errors import ConfigError, DataError
 from tlunet.nifti import ROLES, is_nifti, read_case, write_mask
 from tlunet.resolution import native_masks
-from tlunet.utils import atomic_path, csv_text, write_json_atomic, write_text_atomic
+from tlunet.utils import atomic_path, csv_text, progress, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ def segment(
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(exist_ok=True)
     rows = []
-    for start in range(0, len(files), batch_size):
+    starts = range(0, len(files), batch_size)
+    for start in progress(starts, f"Segmenting {len(files)} slices into {out.name}"):
         chunk = files[start : start + batch_size]
         images = [read_slice(f) for f in chunk]
         results = segment_images(images, infer, threshold, batch_size)
@@ -220,7 +221,7 @@ def _predict_root(source: Path, out: Path, load: Loader, batch_size: int) -> Pat
     _refuse_beside_inputs(out, written, {source, *(source / name for name in patients)})
     infer, threshold, has_aux = load()
     rows = []
-    for name, files in patients.items():
+    for name, files in progress(list(patients.items()), f"Segmenting {len(patients)} patients"):
         segmented = segment(files, out / name, infer, threshold, batch_size, has_aux)
         areas = [row[3] for row in segmented]
         rows.append([name, len(files), sum(a > 0 for a in areas), sum(areas)])
@@ -249,7 +250,10 @@ def _predict_nifti(
     for warning in case.warnings:
         log.warning(warning)
     infer, threshold, has_aux = load()  # only now: every input problem is reported before
-    results = list(segment_images(list(case.slices), infer, threshold, batch_size))
+    slices = list(case.slices)
+    results = []
+    for start in progress(range(0, len(slices), batch_size), f"Segmenting {len(slices)} slices"):
+        results += segment_images(slices[start : start + batch_size], infer, threshold, batch_size)
     volume = case.mask_volume(np.stack([mask for mask, _ in results]))
     out.mkdir(parents=True, exist_ok=True)
     write_mask(out / "mask.nii.gz", volume, case.reference)
