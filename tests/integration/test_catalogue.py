@@ -133,6 +133,20 @@ def patient_folders_of_other_files(root: Path) -> str:
     return r"No patient folders with \.tif slices found"
 
 
+def empty_patient_folder(root: Path) -> str:
+    # a half-copied dataset: the folder is there, its slices are not
+    folder = root / "SYN_P999_20000101"
+    folder.mkdir()
+    return rf"Patient folder '{_q(folder)}' is empty .*data\.on_error=skip"
+
+
+def patient_folder_without_slices(root: Path) -> str:
+    folder = root / "SYN_P998_20000101"
+    folder.mkdir()
+    (folder / "SYN_P998_20000101_1.png").write_bytes(b"not a tiff")
+    return rf"Patient folder '{_q(folder)}' holds no slice TIFF, only 1 other entry such as"
+
+
 DATA_CASES: dict[str, Callable[[Path], str]] = {
     f.__name__: f
     for f in (
@@ -151,6 +165,8 @@ DATA_CASES: dict[str, Callable[[Path], str]] = {
         empty_root,
         missing_root,
         patient_folders_of_other_files,
+        empty_patient_folder,
+        patient_folder_without_slices,
     )
 }
 
@@ -337,6 +353,36 @@ def test_skip_cache_is_reused_and_still_reports(
         _datamodule(data_copy, cache_dir=cache, on_error="raise").setup("fit")
 
 
+def test_skip_lists_patient_folders_without_slices(data_copy: Path, tmp_path: Path) -> None:
+    empty_patient_folder(data_copy)
+    patient_folder_without_slices(data_copy)
+    dm = _datamodule(data_copy, cache_dir=str(tmp_path / "cache"), on_error="skip")
+    dm.setup("fit")
+    assert {Path(p["path"]).name for p in dm.skipped} == {
+        "SYN_P999_20000101",
+        "SYN_P998_20000101",
+    }
+    assert len({r.patient for r in dm.records}) == 6  # the six complete patients
+
+
+def test_stray_files_are_warned_about_one_line_each(
+    data_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    patient = sorted(p for p in data_copy.iterdir() if p.is_dir())[0]
+    strays = [patient / "notes.txt", patient / "scan.png", data_copy / f"{patient.name}_1.tif"]
+    for f in strays:
+        f.write_bytes(b"x")
+    (patient / "old").mkdir()
+    strays.append(patient / "old")
+    (patient / ".DS_Store").write_bytes(b"x")  # hidden: not mentioned
+    with caplog.at_level("WARNING", logger="tlunet.data.datamodule"):
+        _datamodule(data_copy, cache_dir=str(tmp_path / "cache")).setup("fit")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == len(strays)
+    for f in strays:
+        assert sum(f"'{f}'" in w for w in warned) == 1, (f, warned)
+
+
 def test_skip_still_raises_when_nothing_is_left(data_copy: Path) -> None:
     for image in data_copy.glob("*/*[0-9].tif"):
         image.write_bytes(b"garbage")
@@ -354,6 +400,26 @@ def test_check_clean_set(synthetic_root: Path, tmp_path: Path) -> None:
     for stage in ("train", "val", "test"):
         assert re.search(rf"^\s+{stage}\s+\d+ slices\s+\d+ patients", out.stdout, re.M), stage
     assert list(tmp_path.iterdir()) == []  # nothing written: no run directory, no cache
+
+
+@pytest.mark.slow
+def test_check_names_an_empty_patient_folder_and_warns_of_stray_files(
+    data_copy: Path, tmp_path: Path
+) -> None:
+    expected = empty_patient_folder(data_copy)
+    stray = next(p for p in data_copy.iterdir() if p.is_dir() and p.name != "SYN_P999_20000101")
+    (stray / "notes.txt").write_text("x")
+    out = run_cli(["tlunet.data.check", f"data.root={data_copy}"], cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert re.search(expected.split(" .*")[0], out.stdout), out.stdout
+    assert f"warning: '{stray / 'notes.txt'}' is not a slice or mask TIFF" in out.stdout
+    assert f"tlunet error: 1 problem in '{data_copy}'" in out.stderr
+    assert "6 patients, 48 usable slices" in out.stdout
+    # With data.on_error=skip the folder is listed as skipped and a run would start.
+    out = run_cli(
+        ["tlunet.data.check", f"data.root={data_copy}", "data.on_error=skip"], cwd=tmp_path
+    )
+    assert out.returncode == 0 and "skipped with data.on_error=skip" in out.stdout
 
 
 @pytest.mark.slow

@@ -82,3 +82,22 @@ def test_acceptance_multirun_three_encoders(real_root: Path, tmp_path: Path) -> 
     assert [p.name for p in jobs] == ["0_unet_vgg16", "1_unet_mobilenet_v2", "2_unet_densenet121"]
     for job in jobs:
         check_run_dir(job)
+
+
+def test_check_names_an_empty_patient_folder_of_the_real_sample(
+    real_root: Path, tmp_path: Path
+) -> None:
+    """Issue 14's acceptance: the sample with one patient's slices missing (a half copy) is
+    not read as a clean 39-patient set: the check exits 1 naming the empty folder."""
+    copy = tmp_path / "kaggle_3m"
+    copy.mkdir()
+    for entry in real_root.iterdir():
+        (copy / entry.name).symlink_to(entry)  # a copy without copying 1425 slices
+    half = sorted(p for p in copy.iterdir() if p.is_dir())[0]
+    half.unlink()
+    half.mkdir()
+    out = run_cli(["tlunet.data.check", f"data.root={copy}"], cwd=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"Patient folder '{half}' is empty" in out.stdout
+    assert f"tlunet error: 1 problem in '{copy}'" in out.stderr
+    assert "39 patients" in out.stdout and "Traceback" not in out.stderr

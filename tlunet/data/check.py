@@ -1,7 +1,9 @@
 """Validate a kaggle_3m folder before training: ``python -m tlunet.data.check data.root=DIR``.
 
 Unlike a run, which stops at the first unusable file, the check reads every slice and reports
-every problem, one line each (``path: reason``), then a summary: patients, slices, slices with
+every problem, one line each (``path: reason``: unreadable or mismatched files, patient folders
+that are empty or hold no slice TIFF), a ``warning:`` line for every file it ignores (anything
+that is not a slice TIFF), then a summary: patients, slices, slices with
 tumour, image size, and the slices and patients of each stage of the configured split
 (``data.split``, ``data.split_fractions``, ``data.num_folds``/``data.fold``...). Exit status 0
 when a run would start, 1 otherwise. With ``data.on_error=skip`` the problem slices are listed
@@ -21,7 +23,7 @@ from omegaconf import DictConfig
 from tlunet.cli import user_errors_exit
 from tlunet.data.cache import scan_slices
 from tlunet.data.datamodule import LGGDataModule
-from tlunet.data.index import check_root, problem, scan_kaggle3m
+from tlunet.data.index import check_root, problem, scan_kaggle3m, stray_entries
 from tlunet.data.splits import STAGES
 from tlunet.errors import DataError, TlunetError
 
@@ -33,6 +35,8 @@ class CheckReport:
     root: Path
     on_error: str
     problems: list[dict[str, str]] = field(default_factory=list)
+    #: Files that are ignored (not a slice TIFF): a warning each, never a failure.
+    warnings: list[dict[str, str]] = field(default_factory=list)
     patients: int = 0
     slices: int = 0
     tumour_slices: int = 0
@@ -49,7 +53,8 @@ class CheckReport:
     def lines(self) -> list[str]:
         """The report as printed: one line per problem, then the summary."""
         skipped = " (skipped with data.on_error=skip)" if self.on_error == "skip" else ""
-        out = [
+        out = [f"warning: {w['reason']}" for w in self.warnings]
+        out += [
             p["reason"] if p["path"] in p["reason"] else f"{p['path']}: {p['reason']}"
             for p in self.problems + self.fatal
         ]
@@ -79,6 +84,7 @@ def check_dataset(datamodule: LGGDataModule) -> CheckReport:
     root = check_root(datamodule.root)
     report = CheckReport(root=root, on_error=datamodule.on_error)
     records, problems = scan_kaggle3m(root, strict=False)
+    report.warnings = stray_entries(root)
     scan = scan_slices(records)
     report.problems = sorted(problems + scan.problems, key=lambda p: p["path"])
     kept = [records[i] for i in scan.kept]

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from tlunet.data.cache import ON_ERRORS, DecodedSlices, decode_slices
 from tlunet.data.dataset import SeededShuffleSampler, SliceDataset
-from tlunet.data.index import SliceRecord, scan_kaggle3m
+from tlunet.data.index import SliceRecord, scan_kaggle3m, stray_entries
 from tlunet.data.splits import (
     PAPER_SPLIT_SIZES,
     STAGES,
@@ -186,6 +186,8 @@ class LGGDataModule(pl.LightningDataModule):
             return
         records, problems = scan_kaggle3m(self.root, strict=self.on_error == "raise")
         root = Path(str(self.root)).expanduser()
+        for stray in stray_entries(root):
+            log.warning("%s", stray["reason"])
         if not records:
             raise DataError(
                 f"None of the slices under '{root}' can be used (data.on_error=skip skipped "

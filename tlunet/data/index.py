@@ -6,7 +6,12 @@ Layout (the Kaggle "lgg-mri-segmentation" set, ``kaggle_3m/``)::
     <root>/<patient>/<patient>_<n>_mask.tif   uint8 mask, (H, W), values {0, 255}
 
 Slice numbers ``n`` start at 1 and are not zero-padded: they are sorted numerically.
-Files beside the patient folders (``README.md``, ``data.csv``) and hidden entries are ignored.
+Hidden entries and the files the Kaggle set keeps beside the patient folders (``README.md``,
+``data.csv``) are ignored. Nothing else is dropped silently, so that a half-copied dataset is
+never read as a smaller clean one: a patient folder that is empty or holds no slice TIFF is a
+problem (:func:`scan_kaggle3m`: a run stops, or skips and lists it with
+``data.on_error=skip``), and every other file (a ``.png`` in a patient folder, a slice copied
+beside the folders, a sub-folder) is a warning (:func:`stray_entries`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from tlunet.errors import DataError
 
 _SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<num>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 _TIF_SUFFIXES = {".tif", ".tiff"}
+#: Files the Kaggle set (and tlunet's phantoms) keep beside the patient folders.
+_ROOT_FILES = re.compile(r"^(data\.csv|readme(\.\w+)?)$", re.IGNORECASE)
+_LAYOUT = "<patient>_<n>.tif and <patient>_<n>_mask.tif"
 
 
 @dataclass(frozen=True)
@@ -31,15 +39,68 @@ class SliceRecord:
     mask_path: Path
 
 
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _is_tif(path: Path) -> bool:
+    return path.suffix.lower() in _TIF_SUFFIXES and path.is_file()
+
+
 def patient_dirs(root: Path) -> list[Path]:
     """The patient folders of a kaggle_3m folder: visible sub-folders holding .tif files."""
-    return sorted(
-        p
-        for p in root.iterdir()
-        if p.is_dir()
-        and not p.name.startswith(".")
-        and any(f.suffix.lower() in _TIF_SUFFIXES for f in p.iterdir())
-    )
+    return [p for p in _visible(root) if p.is_dir() and any(map(_is_tif, _visible(p)))]
+
+
+def unusable_folders(root: Path) -> list[dict[str, str]]:
+    """A problem for every visible sub-folder of ``root`` that holds no slice TIFF (empty, or
+    only other files), when ``root`` has patient folders at all."""
+    found = []
+    for folder in _visible(root):
+        if not folder.is_dir() or any(map(_is_tif, _visible(folder))):
+            continue
+        entries = _visible(folder)
+        if not entries:
+            what = "is empty"
+        else:
+            what = (
+                f"holds no slice TIFF, only {len(entries)} other "
+                f"{'entry' if len(entries) == 1 else 'entries'} such as '{entries[0].name}'"
+            )
+        found.append(
+            problem(
+                folder,
+                f"Patient folder '{folder}' {what} (a half-copied dataset?): expected {_LAYOUT}.",
+            )
+        )
+    return found
+
+
+def stray_entries(root: str | Path) -> list[dict[str, str]]:
+    """The files tlunet ignores under a kaggle_3m ``root``, one ``{"path", "reason"}`` each: in
+    a patient folder anything but a ``.tif``/``.tiff`` file (a ``.png``, a sub-folder), beside
+    the patient folders any file but ``data.csv`` and ``README*``. Hidden entries are left out.
+    They are warnings: a run goes on without them, but the user hears of each one."""
+    root = Path(root).expanduser()
+    found = []
+    patients = set(patient_dirs(root))
+    for entry in _visible(root):
+        if entry.is_dir():
+            if entry in patients:
+                found.extend(
+                    problem(f, f"'{f}' is not a slice or mask TIFF ({_LAYOUT}): ignored.")
+                    for f in _visible(entry)
+                    if not _is_tif(f)
+                )
+        elif not _ROOT_FILES.match(entry.name):
+            found.append(
+                problem(
+                    entry,
+                    f"'{entry}' lies beside the patient folders, outside any of them: ignored "
+                    "(slices belong in <root>/<patient>/).",
+                )
+            )
+    return found
 
 
 def check_root(root: str | Path | None) -> Path:
@@ -67,7 +128,8 @@ def index_kaggle3m(root: str | Path) -> list[SliceRecord]:
 
     Raises :class:`DataError` naming the offending path when the folder holds no patient
     folders, a file name does not follow ``<patient>_<n>[_mask].tif``, a slice has no mask
-    (or a mask no slice), or a slice number appears twice.
+    (or a mask no slice), a slice number appears twice, or a patient folder is empty or holds
+    no slice TIFF.
     """
     return scan_kaggle3m(root, strict=True)[0]
 
@@ -82,7 +144,9 @@ def scan_kaggle3m(
     (``{"path", "reason"}``) per offending file: a file name without a numeric slice number
     (the file is ignored), a slice number given twice (every file of that slice number is
     dropped: which one is right cannot be told), an image without a mask or a mask without an
-    image. A missing root or a root without patient folders always raises.
+    image, a patient folder without slices (empty, or holding other files only: the folder is
+    the problem's path). A missing root or a root without patient folders always raises.
+    Files that are not TIFFs are not problems but warnings: :func:`stray_entries`.
     """
     root = check_root(root)
     patients = patient_dirs(root)
@@ -101,6 +165,14 @@ def scan_kaggle3m(
         if strict:
             raise DataError(reason)
         problems.append(problem(path, reason))
+
+    for unusable in unusable_folders(root):
+        if strict:
+            raise DataError(
+                f"{unusable['reason']} Remove it, or run with data.on_error=skip to leave it "
+                "out (listed in the run's skipped_files.csv)."
+            )
+        problems.append(unusable)
 
     for pdir in patients:
         images: dict[int, Path] = {}
