@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -29,12 +30,48 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+#: Lightning log lines that advertise its cloud products or restate a default setting
+#: (``Trainer(limit_val_batches=1.0)`` "was configured so 100% of the batches ..."): nothing
+#: about the run.
+LIGHTNING_NOISE = ("💡 Tip:", "`Trainer(limit_")
+#: Deprecation warnings of third-party code that a tlunet user can do nothing about, as
+#: ``(category, message regex)``; checked with the versions pinned in pyproject.toml.
+KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # pytorch-lightning 2.6's _pytree.py on torch >= 2.10
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # torch 2.14 deprecates TorchScript, still the format of `tlunet.export format=torchscript`
+    (FutureWarning, r"`torch\.jit\.\w+` is deprecated"),
+    (DeprecationWarning, r"`torch\.jit\.\w+` is deprecated"),
+)
+
+
+class _DropLightningNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LIGHTNING_NOISE)
+
+
+_NOISE_FILTER = _DropLightningNoise()
+
+
+def quiet_third_party() -> None:
+    """Silence :data:`LIGHTNING_NOISE` and :data:`KNOWN_WARNINGS` in a command's output (every
+    other warning still shows). Idempotent."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _NOISE_FILTER not in logger.filters:
+            logger.addFilter(_NOISE_FILTER)
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def user_errors_exit(fn: F) -> F:
     """Turn a :class:`TlunetError` (or a config interpolation error) into one clear message on
-    stderr and exit status 1, instead of a traceback."""
+    stderr and exit status 1, instead of a traceback. The command's output is kept free of
+    third-party noise (:func:`quiet_third_party`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        quiet_third_party()
         try:
             return fn(*args, **kwargs)
         except Exception as raised:

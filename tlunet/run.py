@@ -199,7 +199,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     test_time = None
     if cfg.get("test", True):
         started = time.perf_counter()
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
+        results = trainer.test(
+            module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False
+        )  # the command prints its own table (tlunet.summary)
         test_time = time.perf_counter() - started
         logged = results[0] if results else {}
         # Full-precision values from the metric itself; the logged copies are float32.
@@ -212,7 +214,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.warning("Test metrics missing from the run: %s", missing)
 
     if not is_zero:
-        return {"metrics": metrics, "best_score": best_score, "run_dir": str(run_dir)}
+        return {
+            "metrics": metrics,
+            "best_score": best_score,
+            "run_dir": str(run_dir),
+            "synthetic": cfg.data.get("synthetic") is not None,
+        }
     metrics_csv = run_dir / "csv" / "metrics.csv"
     if metrics_csv.exists():
         try:
@@ -270,4 +277,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         artifacts=[run_dir / n for n in ("metrics.json", "run.json", "config.yaml")]
         + ([Path(best_path)] if best_path else []),
     )
-    return {"metrics": metrics, "best_score": best_score, "run_dir": str(run_dir)}
+    return {
+        "metrics": metrics,
+        "best_score": best_score,
+        "run_dir": str(run_dir),
+        "synthetic": cfg.data.get("synthetic") is not None,
+    }

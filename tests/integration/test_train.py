@@ -29,7 +29,13 @@ def test_train_and_test_end_to_end(synthetic_root: Path, tmp_path: Path) -> None
     columns = header.split(",")
     last = [r for r in rows if r.split(",")[columns.index("test/dice")]][-1].split(",")
     assert float(last[columns.index("test/dice")]) == pytest.approx(metrics["test/dice"], abs=1e-6)
-    assert "Results in" in out.stdout and "data.root=" in out.stdout
+    # One ending: our table (Lightning's is off), the run directory, the next commands; no
+    # product tips or known third-party deprecation warnings around it.
+    assert out.stdout.count("Test stage:") == 1 and "DataLoader 0" not in out.stdout
+    assert f"Run directory: {run_dir}" in out.stdout and "python -m tlunet.evaluate" in out.stdout
+    both = out.stdout + out.stderr
+    for noise in ("💡", "Tip:", "LeafSpec", "is not writable", "was configured so"):
+        assert noise not in both, noise
 
 
 @pytest.mark.slow

@@ -81,7 +81,10 @@ def test_loss_options_build_and_compute(option: str) -> None:
 def test_experiment_demo_uses_synthetic_data_from_scratch() -> None:
     cfg = compose_config(["experiment=demo"])
     assert cfg.data.synthetic is not None and cfg.data.root
-    assert cfg.encoder.name == "densenet121" and cfg.encoder.weights is None
+    assert cfg.encoder.name == "resnet18" and cfg.encoder.weights is None
+    # a test stage that means something: 15 % of 40 patients, tumour-free ones among them
+    assert cfg.data.synthetic.num_patients >= 40 and cfg.data.synthetic.tumour_free_patients > 0
+    assert cfg.data.image_size == cfg.data.synthetic.image_size  # scored at the trained size
 
 
 def test_gpu_trainer_asks_for_mixed_precision() -> None:

@@ -89,7 +89,7 @@ class SliceDataset(Dataset):
         else:
             i = int(item)
         row = int(self.rows[i])
-        mask = np.asarray(self.masks[row])
+        mask = np.array(self.masks[row])  # a writable copy: ToTensorV2 may hand it to torch
         out = self.transform(image=np.asarray(self.images[row]), mask=mask)
         item = {
             "image": out["image"].float(),
