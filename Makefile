@@ -36,12 +36,12 @@ bench: install ## benchmarks (data, training step, inference) -> outputs/bench/<
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 lint: install ## ruff lint and format check
-	$(VENV)/bin/ruff check tlunet tests benchmarks
-	$(VENV)/bin/ruff format --check tlunet tests benchmarks
+	$(VENV)/bin/ruff check tlunet hydra_plugins tests benchmarks
+	$(VENV)/bin/ruff format --check tlunet hydra_plugins tests benchmarks
 
 format: install ## ruff autofix and format
-	$(VENV)/bin/ruff check --fix tlunet tests benchmarks
-	$(VENV)/bin/ruff format tlunet tests benchmarks
+	$(VENV)/bin/ruff check --fix tlunet hydra_plugins tests benchmarks
+	$(VENV)/bin/ruff format tlunet hydra_plugins tests benchmarks
 
 clean: ## remove caches and build files (keeps .venv and outputs/)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

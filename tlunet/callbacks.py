@@ -112,15 +112,37 @@ class PredictionFigure(pl.Callback):
         plot_predictions(images, truths, preds, titles, self.path)
 
 
+def checkpoint_intact(path: Path) -> str:
+    """What is intact when writing the checkpoint ``path`` failed: the newest complete
+    checkpoint beside it (the previous ``path`` itself, kept by the atomic write), and how to
+    continue the run (``resume=<run dir>``, for checkpoints in ``<run dir>/checkpoints``)."""
+    ckpts = [p for p in path.parent.glob("*.ckpt") if p.is_file()]
+    newest = max(ckpts, key=lambda p: p.stat().st_mtime_ns, default=None)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    if newest is None:
+        return "no checkpoint of this run was written yet (its inputs are intact)"
+    again = f"; once space is freed, continue with resume={run_dir}" if run_dir else ""
+    return f"the last complete checkpoint '{newest}' is intact{again}"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file and renames it into place: a run killed
-    while saving leaves the previous ``last.ckpt`` intact, never a truncated one."""
+    while saving leaves the previous ``last.ckpt`` intact, never a truncated one. A write that
+    fails for the disk's sake (no space, a file size limit, a read-only folder) raises
+    :class:`tlunet.errors.WriteError` naming the checkpoint and the last complete one."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+        path = Path(path)
+        with atomic_path(path, checkpoint_intact(path)) as tmp:
+            try:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+            except RuntimeError as exc:  # torch's zip writer: "file write failed", no errno
+                cause = exc.__cause__ or exc.__context__
+                if isinstance(cause, OSError):
+                    raise cause from exc
+                raise
 
 
 def truncate_metrics_csv(path: Path, last_epoch: int, global_step: int) -> None:

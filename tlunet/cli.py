@@ -12,18 +12,26 @@ from typing import Any, TypeVar
 from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
-from tlunet.errors import TlunetError
+from tlunet.errors import JobFailed, TlunetError
+from tlunet.utils import WRITE_ERRNOS, write_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("tlunet")
 
 
 def _user_error(exc: BaseException) -> BaseException | None:
-    """The TlunetError (or OmegaConf error) behind ``exc``, looking through Hydra's wrappers."""
+    """The TlunetError (or OmegaConf error) behind ``exc``, looking through Hydra's wrappers.
+
+    A bare ``OSError`` of a failed write (:data:`tlunet.utils.WRITE_ERRNOS`: no space, a file
+    size limit, a read-only folder), raised by a library writing for tlunet (a logger, a
+    figure), is one too: its :class:`WriteError` names the file it names."""
     seen = exc
     while seen is not None:
         if isinstance(seen, TlunetError | OmegaConfBaseException):
             return seen
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
+            where = seen.filename or "a file"
+            return write_error(where, seen, "the files written before it are intact")
         if not isinstance(seen, InstantiationException):
             return None
         seen = seen.__cause__ or seen.__context__
@@ -72,11 +80,18 @@ def user_errors_exit(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         quiet_third_party()
+        # A log file that cannot be written (a full disk) must not print a traceback per log
+        # line: the failed write of a result file says what happened, in one line.
+        logging.raiseExceptions = False
         try:
             return fn(*args, **kwargs)
         except Exception as raised:
             exc = _user_error(raised)
+            from tlunet.sweeps import in_multirun
+
             if exc is None:
+                if in_multirun():  # the traceback goes to the job's log; the sweep goes on
+                    log.exception("The job failed")
                 raise
             kind = "configuration error" if isinstance(exc, OmegaConfBaseException) else "error"
             message = f"tlunet {kind}: {exc}"
@@ -85,6 +100,8 @@ def user_errors_exit(fn: F) -> F:
                 if isinstance(handler, logging.FileHandler):  # the run's log file keeps it too
                     handler.handle(record)
             print(message, file=sys.stderr)
+            if in_multirun():  # one job of a sweep: Hydra records it, the other jobs run
+                raise JobFailed(message) from None
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]

@@ -24,7 +24,17 @@ class ConfigError(TlunetError):
     """A configuration value is unknown or impossible."""
 
 
+class WriteError(TlunetError):
+    """A file could not be written: a full disk, a file size limit, a read-only folder or no
+    permission. The message names the file and what is intact."""
+
+
 def suggest(name: str, choices: Iterable[str], n: int = 5) -> str:
     """Return ``" Did you mean: a, b?"`` for the closest ``choices`` to ``name``, or ``""``."""
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+class JobFailed(Exception):
+    """A job of a sweep stopped on a user error (its one-line message): raised instead of
+    exiting the process, so that Hydra records the failure and the other jobs run."""

@@ -66,7 +66,8 @@ def export(cfg: DictConfig) -> Path:
     for name in ("onnxscript", "onnx_ir"):  # their INFO lines on every rewrite pass
         logging.getLogger(name).setLevel(logging.WARNING)
     outputs = list(OUTPUTS)[: 2 if module.has_aux else 1]
-    with torch.no_grad(), atomic_path(output) as tmp:
+    intact = f"the checkpoint '{ckpt}' is intact"
+    with torch.no_grad(), atomic_path(output, intact) as tmp:
         if cfg.format == "onnx":
             # torch.export-based exporter (dynamo); one file, the weights inside it (< 2 GB).
             torch.onnx.export(
@@ -92,6 +93,7 @@ def export(cfg: DictConfig) -> Path:
             # In the model's order (a list: the JSON's keys are sorted).
             "outputs": [{"name": name, "meaning": OUTPUTS[name]} for name in outputs],
         },
+        intact,
     )
     if cfg.check:
         diff = check_export(net, output, cfg.format, size)

@@ -25,7 +25,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-from tlunet.utils import write_text_atomic
+from tlunet.utils import WRITE_ERRNOS, write_error, write_text_atomic
 
 
 def epochs_processed(trainer: pl.Trainer) -> int:
@@ -70,9 +70,15 @@ class AppendingCSVWriter(ExperimentWriter):
         else:
             data = csv_rows(self.metrics_keys, self.metrics, header=False).encode()
             fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            complete = os.fstat(fd).st_size
             try:
                 while data:
                     data = data[os.write(fd, data) :]
+            except OSError as exc:  # no half row: the log ends with its last complete row
+                os.ftruncate(fd, complete)
+                if exc.errno in WRITE_ERRNOS:
+                    raise write_error(path, exc, "its rows before this epoch are intact") from exc
+                raise
             finally:
                 os.close(fd)
         self.metrics = []

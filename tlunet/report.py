@@ -2,7 +2,9 @@
 ``report.png`` into DIR (or ``--output``).
 
 Every folder under DIR holding a ``run.json`` is a run (a single run, a multirun's jobs, several
-sweeps). ``report.csv`` has one row per run: model, encoder, split, seed, epochs, the test
+sweeps), and so is one that never got that far (a ``config.yaml`` beside ``.hydra/``, or a sweep
+job's ``job_status.json``): it is listed as incomplete or failed, with the reason, and is in no
+configuration's mean. ``report.csv`` has one row per run: model, encoder, split, seed, epochs, the test
 metrics (DESIGN.md names, fractions in [0, 1]), the best validation value, training time,
 parameters, and the paper's Table 1 values (as fractions) where comparable. ``report.md``
 groups runs that differ only in their seed into mean +- standard deviation, beside the paper.
@@ -57,32 +59,90 @@ GROUP_KEYS = (
 OLD_SCORING = "network resolution (before tlunet 0.2.0)"
 
 
-def find_runs(root: Path) -> list[Path]:
-    """Run directories (holding ``run.json``) under ``root``, sorted by path."""
-    return sorted(
-        p.parent
-        for p in root.rglob("run.json")
-        if not any(part.startswith(".") for part in p.relative_to(root).parts[:-1])
+def _is_run_dir(folder: Path) -> bool:
+    """A run directory: ``run.json`` (written when training ends), or, for a run that never got
+    there, the ``config.yaml`` a run writes when it starts beside Hydra's ``.hydra/``, or the
+    ``job_status.json`` of a sweep's job."""
+    return (
+        (folder / "run.json").is_file()
+        or (folder / "job_status.json").is_file()
+        or ((folder / "config.yaml").is_file() and (folder / ".hydra").is_dir())
     )
 
 
-def load_run(run_dir: Path, root: Path) -> dict[str, Any]:
-    """One report row from a run directory's ``run.json`` and ``metrics.json``."""
+def find_runs(root: Path) -> list[Path]:
+    """Run directories under ``root`` (:func:`_is_run_dir`, complete or not), sorted by path."""
+    candidates = {root} | {
+        p.parent
+        for name in ("run.json", "config.yaml", "job_status.json")
+        for p in root.rglob(name)
+    }
+    return sorted(
+        d
+        for d in candidates
+        if _is_run_dir(d) and not any(part.startswith(".") for part in d.relative_to(root).parts)
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        info = json.loads((run_dir / "run.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise TlunetError(f"Cannot read '{run_dir / 'run.json'}': {exc}") from exc
-    metrics_path = run_dir / "metrics.json"
-    metrics: dict[str, Any] = {}
-    if metrics_path.exists():
+        raise TlunetError(f"Cannot read '{path}': {exc}") from exc
+
+
+def _info_from_config(run_dir: Path) -> dict[str, Any]:
+    """What ``run.json`` would say, from the ``config.yaml`` a run writes when it starts."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+    except Exception:  # a damaged config: the row still says the run is incomplete
+        return {}
+    model, encoder, data = (cfg.get(k) or {} for k in ("model", "encoder", "data"))
+    return {
+        "model": model.get("name"),
+        "encoder": encoder.get("name"),
+        "encoder_weights": encoder.get("weights"),
+        "split": data.get("split"),
+        "image_size": data.get("image_size"),
+        "seed": cfg.get("seed"),
+        "fold": data.get("fold") if data.get("num_folds") else None,
+    }
+
+
+def run_status(run_dir: Path, has_info: bool, has_metrics: bool) -> str:
+    """``complete``, or why not: ``failed: <reason>`` (a sweep's job that stopped on an error)
+    or ``incomplete: <what is known>``."""
+    if has_metrics:
+        return "complete"
+    job = {}
+    if (run_dir / "job_status.json").is_file():
         try:
-            metrics = json.loads(metrics_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise TlunetError(f"Cannot read '{metrics_path}': {exc}") from exc
+            job = json.loads((run_dir / "job_status.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            job = {}
+    if job.get("status") == "failed":
+        return f"failed: {job.get('error', 'no reason recorded')}"
+    if job.get("status") == "running":
+        return "incomplete: started, never ended (killed, or still running); no metrics.json"
+    if has_info:
+        return "incomplete: trained but not tested (test=false, or the test stage failed)"
+    return "incomplete: no metrics.json (stopped, killed or still running)"
+
+
+def load_run(run_dir: Path, root: Path) -> dict[str, Any]:
+    """One report row from a run directory's ``run.json`` and ``metrics.json`` (for a run that
+    never finished, from its ``config.yaml``)."""
+    has_info = (run_dir / "run.json").is_file()
+    info = _read_json(run_dir / "run.json") if has_info else _info_from_config(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    metrics: dict[str, Any] = _read_json(metrics_path) if metrics_path.exists() else {}
     label = paper_label(info.get("model", ""), info.get("encoder", ""))
     row: dict[str, Any] = {
         "run": str(run_dir.relative_to(root)) or ".",
         "complete": bool(metrics),
+        "status": run_status(run_dir, has_info, bool(metrics)),
         "model": info.get("model"),
         "encoder": info.get("encoder"),
         "encoder_weights": info.get("encoder_weights"),
@@ -193,6 +253,17 @@ def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], root: Pat
             f"| {_num(g['epochs'][0], '{:.0f}')} | {_num(g['train_time_s'][0], '{:.0f}')} "
             f"| {_num(g['parameters'], '{:,}')} |"
         )
+    incomplete = [r for r in rows if not r["complete"]]
+    if incomplete:
+        lines += [
+            "",
+            f"## Runs that did not complete ({len(incomplete)}, in no mean above)",
+            "",
+            *[
+                f"- `{r['run']}` ({r['model']}, {r['encoder']}, seed {r['seed']}): {r['status']}"
+                for r in incomplete
+            ],
+        ]
     lines += [
         "",
         "How to read it:",
@@ -302,6 +373,15 @@ def write_report(root: str | Path, output: str | Path | None = None) -> dict[str
     }
     if groups:
         files["png"] = bar_chart(groups, out / "report.png")
+    incomplete = [r for r in rows if not r["complete"]]
+    if incomplete:
+        print(
+            f"warning: {len(incomplete)} of {len(rows)} runs under '{root}' did not complete "
+            "(listed in report.md with the reason; in no mean):",
+            file=sys.stderr,
+        )
+        for r in incomplete:
+            print(f"  {r['run']}: {r['status']}", file=sys.stderr)
     return files
 
 

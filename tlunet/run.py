@@ -258,9 +258,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "patients": {s: datamodule.stage_patients(s) for s in ("train", "val", "test")},
         "environment": environment_info(),
     }
-    write_json_atomic(run_dir / "run.json", run_info)
+    intact = (
+        f"the run's checkpoints in '{run_dir / 'checkpoints'}' are intact; once space is "
+        f"freed, python -m tlunet.train resume={run_dir} writes the run's files"
+    )
+    write_json_atomic(run_dir / "run.json", run_info, intact)
     if metrics:
-        write_json_atomic(run_dir / "metrics.json", metrics)  # last: its presence = complete
+        # last: its presence = complete
+        write_json_atomic(run_dir / "metrics.json", metrics, intact)
     headline = next(
         (
             (k, metrics[k])

@@ -141,6 +141,7 @@ def segment(
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(exist_ok=True)
     rows = []
+    intact = "the input slices are intact and every mask written before it is complete"
     starts = range(0, len(files), batch_size)
     for start in progress(starts, f"Segmenting {len(files)} slices into {out.name}"):
         chunk = files[start : start + batch_size]
@@ -148,16 +149,16 @@ def segment(
         results = segment_images(images, infer, threshold, batch_size)
         for f, image, (mask, head) in zip(chunk, images, results, strict=True):
             h, w = image.shape[:2]
-            with atomic_path(out / "masks" / f"{f.stem}.tif") as tmp:
+            with atomic_path(out / "masks" / f"{f.stem}.tif", intact) as tmp:
                 tifffile.imwrite(tmp, mask * 255, photometric="minisblack")
             png = cv2.imencode(".png", cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR))[1]
-            with atomic_path(out / "overlays" / f"{f.stem}.png") as tmp:
+            with atomic_path(out / "overlays" / f"{f.stem}.png", intact) as tmp:
                 tmp.write_bytes(png.tobytes())
             area = int(mask.sum())
             row = [f.name, h, w, area, area / (h * w)]
             rows.append(row if head is None else [*row, round(head, 6), int(head >= 0.5)])
     header = CSV_COLUMNS + (AUX_COLUMNS if has_aux else [])
-    write_text_atomic(out / "tumour_area.csv", csv_text(header, rows))
+    write_text_atomic(out / "tumour_area.csv", csv_text(header, rows), intact)
     return rows
 
 

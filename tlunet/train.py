@@ -14,8 +14,10 @@ from omegaconf import DictConfig
 from tlunet.cli import user_errors_exit
 from tlunet.run import train
 from tlunet.summary import print_run_summary
+from tlunet.sweeps import register_plugins
 
 log = logging.getLogger(__name__)
+register_plugins()  # -m: the sweeper that accounts for every job (tlunet.sweeps)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://tlunet.conf", config_name="train")

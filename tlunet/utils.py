@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tlunet
-from tlunet.errors import ConfigError
+from tlunet.errors import ConfigError, WriteError
 
 _LIBRARIES = (
     "torch",
@@ -45,17 +46,50 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+#: errno values of a write that failed because of the disk or the folder, not of tlunet: no
+#: space, a quota, a file size limit (``ulimit -f``), a read-only file system, no permission.
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+)
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EDQUOT: "the disk quota is exceeded: free some space",
+    errno.EFBIG: "a file size limit (ulimit -f) or the file system's largest file was reached",
+    errno.EROFS: "the folder is on a read-only file system: choose a writable one",
+    errno.EACCES: "no permission to write there: choose a writable folder",
+    errno.EPERM: "no permission to write there: choose a writable folder",
+}
+
+
+def write_error(path: str | Path, exc: OSError, intact: str) -> WriteError:
+    """The :class:`WriteError` of a write of ``path`` that failed with ``exc``: one line naming
+    the file, the cause and what is ``intact`` (e.g. "the last complete checkpoint ... is
+    intact"), for :func:`tlunet.cli.user_errors_exit` to print."""
+    cause = exc.strerror or str(exc)
+    hint = _WRITE_HINTS.get(exc.errno or 0)
+    if exc.errno is None:  # a short write, e.g. numpy's "16384 requested and 768 written"
+        hint = "only part of it was written: is the disk full, or a file size limit reached?"
+    return WriteError(
+        f"Cannot write '{path}': {cause}" + (f" ({hint})" if hint else "") + f"; {intact}."
+    )
+
+
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, intact: str | None = None) -> Iterator[Path]:
     """The one way tlunet writes a file atomically: write to the yielded temporary path (in
     the same folder); on success it is flushed to disk (fsync) and renamed onto ``path``, on
-    any error it is removed and ``path`` keeps its previous content, never a half-written one."""
+    any error it is removed and ``path`` keeps its previous content, never a half-written one.
+
+    A write that fails (an ``OSError``: no space, a file size limit, a read-only folder, a short
+    write) raises :class:`WriteError` naming ``path`` and what is intact: ``intact`` when
+    given, else the previous ``path`` or the absence of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -64,8 +98,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.close(fd)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for colleagues too
         os.replace(tmp, path)
+    except OSError as exc:  # every step here writes: any OSError is a failed write of path
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        failed = exc.filename if exc.filename not in (None, str(tmp)) else path
+        if intact is None:
+            intact = (
+                f"'{path}' keeps its previous content"
+                if path.exists()
+                else f"no partial '{path.name}' was left"
+            )
+        raise write_error(failed, exc, intact) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def show_progress() -> bool:
@@ -108,9 +154,9 @@ def progress(iterable: Iterable[T], description: str, total: int | None = None) 
         _progress_active = False
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
+def write_text_atomic(path: str | Path, text: str, intact: str | None = None) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_path`, ``intact`` its message)."""
+    with atomic_path(path, intact) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
@@ -124,9 +170,10 @@ def csv_text(header: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write ``data`` as indented JSON, NaN/inf as null, atomically."""
-    return write_text_atomic(path, json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n")
+def write_json_atomic(path: str | Path, data: dict[str, Any], intact: str | None = None) -> Path:
+    """Write ``data`` as indented JSON, NaN/inf as null, atomically (:func:`atomic_path`)."""
+    text = json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n"
+    return write_text_atomic(path, text, intact)
 
 
 def _git(*args: str) -> str | None:

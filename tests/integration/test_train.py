@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -139,3 +140,39 @@ def test_freezing_a_scratch_model_is_refused(synthetic_root: Path, tmp_path: Pat
         cwd=tmp_path,
     )
     _assert_user_error(out, "model 'resunet' has no pretrained encoder")
+
+
+@pytest.mark.slow
+def test_failed_job_neither_stops_nor_hides_the_others(synthetic_root: Path, tmp_path: Path):
+    """The first job of a local sweep stops on a user error: the second still runs; the sweep
+    then names the failed job and its reason in one line and exits 1; the report lists it as
+    failed and averages only the complete run."""
+    sweep = tmp_path / "sweep"
+    out = run_cli(
+        [
+            "tlunet.train",
+            "-m",
+            "data.image_size=100,64",
+            *[o for o in TINY_RUN if not o.startswith("data.image_size")],
+            f"data.root={synthetic_root}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    failed = [line for line in out.stderr.splitlines() if line.startswith("  #")]
+    assert len(failed) == 1 and failed[0].startswith("  #0 data.image_size=100: tlunet error:")
+    assert f"({sweep / '0_unet_resnet18'})" in failed[0]
+    assert f"1 of 2 jobs of the sweep in '{sweep}' did not complete" in out.stderr
+    check_run_dir(sweep / "1_unet_resnet18")
+    assert not (sweep / "0_unet_resnet18" / "metrics.json").exists()
+
+    report = run_cli(["tlunet.report", str(sweep)], cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    rows = {r["run"]: r for r in csv.DictReader((sweep / "report.csv").open())}
+    assert rows["0_unet_resnet18"]["status"].startswith("failed: tlunet error: data.image_size")
+    assert rows["1_unet_resnet18"]["status"] == "complete"
+    md = (sweep / "report.md").read_text()
+    beside_paper = md.split("## Beside the paper")[1].split("How to read it")[0]
+    assert "| unet | resnet18 | patient | 1 |" in beside_paper  # one run in the mean, not two

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -253,3 +254,94 @@ def test_skip_and_raise_caches_have_different_keys(data_copy: Path) -> None:
         decode_slices(records, data_copy, on_error="ignore")
     with pytest.raises(ConfigError, match=r"choose one of \['raise', 'skip'\]"):
         LGGDataModule("/tmp", on_error="ignore")
+
+
+def test_corrupted_cache_is_detected_and_rebuilt(
+    data_copy: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes of a cached masks.npy changed in place (same size, values still 0/1, as bit rot
+    or another program could leave them): the next open warns once naming the cache and
+    rebuilds it from the TIFFs, never serving the changed masks."""
+    records = index_kaggle3m(data_copy)
+    decode_slices(records, data_copy, cache_dir)
+    folder = cache_dir / cache_key(records, data_copy)
+    masks = np.load(folder / "masks.npy", mmap_mode="r+")
+    truth = np.array(masks)
+    masks[: len(masks) // 2] = 1 - masks[: len(masks) // 2]  # flipped, still {0, 1}
+    masks.flush()
+    del masks
+    with caplog.at_level("WARNING", logger="tlunet.data.cache"):
+        again = decode_slices(records, data_copy, cache_dir)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(folder) in warnings[0].getMessage()
+    assert "masks.npy" in warnings[0].getMessage()
+    assert np.array_equal(again.masks, truth)
+    assert np.array_equal(np.load(folder / "masks.npy"), truth)  # rebuilt on disk too
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tlunet.data.cache"):
+        decode_slices(records, data_copy, cache_dir)  # the rebuilt cache verifies
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_corrupted_skip_cache_is_rebuilt(data_copy: Path, cache_dir: Path) -> None:
+    records = index_kaggle3m(data_copy)
+    first = decode_slices(records, data_copy, cache_dir, on_error="skip")
+    truth = np.array(first.images)
+    del first
+    folder = cache_dir / cache_key(records, data_copy, "skip")
+    with open(folder / "images.npy", "r+b") as f:  # one byte near the end, same size
+        f.seek(-5, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert np.array_equal(
+        decode_slices(records, data_copy, cache_dir, on_error="skip").images, truth
+    )
+
+
+def test_cache_without_checksums_is_rebuilt(data_copy: Path, cache_dir: Path) -> None:
+    records = index_kaggle3m(data_copy)
+    decode_slices(records, data_copy, cache_dir)
+    meta_path = cache_dir / cache_key(records, data_copy) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert set(meta["checksums"]) == {"images", "masks"}
+    del meta["checksums"]
+    meta_path.write_text(json.dumps(meta))
+    decode_slices(records, data_copy, cache_dir)
+    assert "checksums" in json.loads(meta_path.read_text())
+
+
+def test_recently_verified_cache_is_not_hashed_again_until_a_write_or_an_hour(
+    data_copy: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stamp: a cache verified within the hour whose files were not written since opens
+    without hashing; a write into it (its ctime moves) or an hour passing brings the check
+    back."""
+    import time
+
+    from tlunet.data import cache as cache_module
+
+    records = index_kaggle3m(data_copy)
+    decode_slices(records, data_copy, cache_dir)
+    folder = cache_dir / cache_key(records, data_copy)
+    monkeypatch.setattr(cache_module, "CTIME_MARGIN_NS", 0)  # no waiting for the coarse clock
+    hashed = []
+    real = cache_module.array_checksum
+    monkeypatch.setattr(cache_module, "array_checksum", lambda arr: hashed.append(1) or real(arr))
+    (folder / "verified").write_text(str(time.time_ns()))
+    decode_slices(records, data_copy, cache_dir)
+    assert hashed == []  # fresh stamp, files unchanged: no hashing
+    (folder / "verified").write_text(str(time.time_ns() - 2 * 3600 * 10**9))
+    decode_slices(records, data_copy, cache_dir)
+    assert len(hashed) == 2  # an old stamp: both arrays hashed, and the stamp renewed
+    hashed.clear()
+    decode_slices(records, data_copy, cache_dir)
+    assert hashed == []
+    time.sleep(0.05)  # past the coarse clock of file times
+    masks = np.load(folder / "masks.npy", mmap_mode="r+")  # a write: the ctime moves
+    truth = np.array(masks)
+    masks[0, :4, :4] = 1 - masks[0, :4, :4]
+    masks.flush()
+    del masks
+    time.sleep(0.05)
+    assert np.array_equal(decode_slices(records, data_copy, cache_dir).masks, truth)

@@ -1,0 +1,223 @@
+"""Sweeps that account for every job: ``python -m tlunet.train -m ...`` (and ``cluster=local``,
+``cluster=slurm``).
+
+- Every job of a sweep writes ``job_status.json`` into its directory when it starts
+  (``running``) and when it ends (``completed``, or ``failed`` with the reason in one line):
+  :class:`JobStatusCallback`, a Hydra callback.
+- A job that fails does not stop the sweep: in a multirun, :func:`tlunet.cli.user_errors_exit`
+  raises :class:`tlunet.errors.JobFailed` (which Hydra records) instead of exiting the process.
+- ``hydra_plugins.tlunet_sweeps.AccountingSweeper`` (Hydra's basic sweeper otherwise) runs
+  every job, then prints one line per job that failed, was killed or never started
+  (:func:`account`) and exits with status 1 if any did.
+- ``hydra_plugins.tlunet_sweeps.LocalLauncher`` and ``SlurmLauncher`` are
+  hydra-submitit-launcher's, except that a job whose process died (killed, out of memory, past
+  its time limit) is reported as failed instead of raising out of the launcher, which left the
+  other jobs unaccounted for (:func:`submitit_launch`).
+
+Hydra finds sweepers and launchers only in the ``hydra_plugins`` namespace package, hence the
+thin classes there; the logic is here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from tlunet.utils import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "job_status.json"
+
+
+def register_plugins() -> None:
+    """Make tlunet's sweeper and launchers known to Hydra (``Plugins.register``, Hydra's API
+    for it): Hydra finds plugins by listing the ``hydra_plugins`` folders on ``sys.path``,
+    which misses them in an editable install (``pip install -e .``: an import hook, no
+    folder). Idempotent."""
+    from hydra.core.plugins import Plugins
+
+    # The scan first: it executes Hydra's core plugin modules again, and the classes below must
+    # subclass the BasicSweeper it leaves (else super() fails).
+    registry = Plugins.instance()
+    import hydra_plugins.tlunet_sweeps as plugins
+
+    for name in ("AccountingSweeper", "LocalLauncher", "SlurmLauncher"):
+        if hasattr(plugins, name):
+            registry.register(getattr(plugins, name))
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra sweep (``-m``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def one_line(exc: BaseException) -> str:
+    """The reason a job failed, in one line: a tlunet error's message, else ``Type: message``."""
+    from tlunet.errors import JobFailed
+
+    text = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
+class JobStatusCallback(Callback):
+    """Writes ``<job dir>/job_status.json`` at the start and the end of each job of a sweep."""
+
+    def _write(self, config: DictConfig, **fields: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        status = {
+            "job": int(config.hydra.job.num),
+            "overrides": list(config.hydra.overrides.task),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **fields,
+        }
+        try:
+            write_json_atomic(job_dir / STATUS_FILE, status)
+        except Exception as exc:  # never let the bookkeeping cost a job
+            log.warning("Could not write %s: %s", job_dir / STATUS_FILE, exc)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._write(config, status="running")
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if job_return.status == JobStatus.COMPLETED:
+            self._write(config, status="completed")
+        else:
+            self._write(config, status="failed", error=one_line(job_return._return_value))
+
+
+def read_statuses(sweep_dir: Path) -> dict[int, dict[str, Any]]:
+    """``job number -> job_status.json`` (plus ``dir``) of the jobs under ``sweep_dir``."""
+    found: dict[int, dict[str, Any]] = {}
+    for path in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
+        try:
+            status = json.loads(path.read_text())
+            found[int(status["job"])] = {**status, "dir": str(path.parent)}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def report_failures(sweep_dir: Path, jobs: Sequence[tuple[int, Sequence[str], Any]]) -> None:
+    """After a sweep: exit with status 1 after listing every job that did not complete (one
+    line each, on stderr and in ``<sweep dir>/failed_jobs.txt``), else say that all did."""
+    import sys
+
+    failed = account(sweep_dir, jobs)
+    if not failed:
+        print(f"All {len(jobs)} jobs of the sweep in '{sweep_dir}' completed.")
+        return
+    report = (
+        f"tlunet error: {len(failed)} of {len(jobs)} jobs of the sweep in '{sweep_dir}' "
+        "did not complete:\n" + "\n".join(f"  {line}" for line in failed)
+    )
+    try:
+        (sweep_dir / "failed_jobs.txt").write_text(report + "\n")
+    except OSError:
+        pass
+    sys.stdout.flush()
+    print(report, file=sys.stderr)
+    sys.exit(1)
+
+
+def account(
+    sweep_dir: Path, jobs: Sequence[tuple[int, Sequence[str], JobReturn | None]]
+) -> list[str]:
+    """One line for each job of ``jobs`` (number, overrides, what the launcher returned) that did
+    not complete: failed (with its reason), killed (started, never ended) or never started."""
+    statuses = read_statuses(sweep_dir)
+    # A job is named by what sets it apart: the overrides not shared by every job of the sweep.
+    shared = set.intersection(*(set(filter_overrides(o)) for _, o, _ in jobs)) if jobs else set()
+    lines = []
+    for num, overrides, returned in jobs:
+        status = statuses.get(num, {})
+        where = f" ({status['dir']})" if status.get("dir") else ""
+        own = [o for o in filter_overrides(overrides) if o not in shared or len(jobs) == 1]
+        label = f"#{num} {' '.join(own) or '(no overrides)'}"
+        if status.get("status") == "completed" or (
+            not status and returned is not None and returned.status == JobStatus.COMPLETED
+        ):
+            continue
+        if status.get("status") == "failed":
+            reason = status.get("error", "failed")
+        elif returned is not None and returned.status == JobStatus.FAILED:
+            cause = one_line(returned._return_value)
+            reason = (
+                f"its process died before the job ended ({cause})"
+                if status.get("status") == "running" or not status
+                else cause
+            )
+        elif status.get("status") == "running":
+            reason = "started but never ended: killed, or still running"
+        else:
+            reason = "never started"
+        lines.append(f"{label}: {reason}{where}")
+    return lines
+
+
+def _settled(job: Any, overrides: Sequence[str]) -> JobReturn:
+    """A submitit job's :class:`JobReturn`, or a failed one when its process died."""
+    try:
+        return job.results()[0]
+    except Exception as exc:  # killed, out of memory, time limit: no JobReturn came back
+        ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
+        ret.return_value = exc
+        return ret
+
+
+def submitit_launch(
+    launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+) -> Sequence[JobReturn]:
+    """hydra-submitit-launcher 1.2.0's ``BaseSubmititLauncher.launch``, with :func:`_settled`
+    collecting the results."""
+    import os
+
+    import submitit
+    from hydra.core.singleton import Singleton
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    assert launcher.config is not None
+    assert len(job_overrides) > 0
+    params = launcher.params
+    init_params = {"folder": launcher.params["submitit_folder"]}
+    specific_init_keys = {"max_num_timeout"}
+    init_params.update(
+        **{f"{launcher._EXECUTOR}_{x}": y for x, y in params.items() if x in specific_init_keys}
+    )
+    init_keys = specific_init_keys | {"submitit_folder"}
+    executor = submitit.AutoExecutor(cluster=launcher._EXECUTOR, **init_params)
+    baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
+    params = {
+        x if x in baseparams else f"{launcher._EXECUTOR}_{x}": y
+        for x, y in params.items()
+        if x not in init_keys
+    }
+    executor.update_parameters(**params)
+    log.info(
+        f"Submitit '{launcher._EXECUTOR}' sweep output dir : {launcher.config.hydra.sweep.dir}"
+    )
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if "mode" in launcher.config.hydra.sweep:
+        os.chmod(sweep_dir, mode=int(str(launcher.config.hydra.sweep.mode), 8))
+    job_params: list[Any] = []
+    for idx, overrides in enumerate(job_overrides):
+        idx = initial_job_idx + idx
+        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        job_params.append(
+            (list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
+        )
+    jobs = executor.map_array(launcher, *zip(*job_params, strict=True))
+    return [_settled(j, o) for j, o in zip(jobs, job_overrides, strict=True)]
