@@ -72,6 +72,7 @@ def test_channels_last_trains_like_the_default_layout() -> None:
         torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile's first call: 7 s
 def test_compiled_network_keeps_its_parameter_names_and_results() -> None:
     plain = _module()
     plain_losses, _ = _two_steps(plain)
