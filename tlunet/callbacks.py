@@ -113,16 +113,23 @@ class PredictionFigure(pl.Callback):
 
 
 def checkpoint_intact(path: Path) -> str:
-    """What is intact when writing the checkpoint ``path`` failed: the newest complete
-    checkpoint beside it (the previous ``path`` itself, kept by the atomic write), and how to
-    continue the run (``resume=<run dir>``, for checkpoints in ``<run dir>/checkpoints``)."""
-    ckpts = [p for p in path.parent.glob("*.ckpt") if p.is_file()]
-    newest = max(ckpts, key=lambda p: p.stat().st_mtime_ns, default=None)
+    """What is intact when writing the checkpoint ``path`` failed, and how to go on: the run
+    continues from its ``last.ckpt`` (kept complete by the atomic write) with
+    ``resume=<run dir>``; without one (the first epoch's) the run has to start again."""
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    if newest is None:
-        return "no checkpoint of this run was written yet (its inputs are intact)"
-    again = f"; once space is freed, continue with resume={run_dir}" if run_dir else ""
-    return f"the last complete checkpoint '{newest}' is intact{again}"
+    last = path.parent / "last.ckpt"
+    if last.is_file() and run_dir is not None:
+        return (
+            f"the last complete checkpoint '{last}' is intact; once the disk can be written "
+            f"again (space freed, folder writable), continue with resume={run_dir}"
+        )
+    others = sorted(p for p in path.parent.glob("*.ckpt") if p.is_file())
+    if others:
+        return (
+            f"'{others[0]}' is intact, but no last.ckpt exists yet to resume from: start the "
+            "run again once the disk can be written"
+        )
+    return "no checkpoint of this run was written yet (its inputs are intact)"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

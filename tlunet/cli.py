@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
 from tlunet.errors import JobFailed, TlunetError
-from tlunet.utils import WRITE_ERRNOS, write_error
+from tlunet.utils import DISK_FULL_ERRNOS, write_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("tlunet")
@@ -22,14 +23,15 @@ log = logging.getLogger("tlunet")
 def _user_error(exc: BaseException) -> BaseException | None:
     """The TlunetError (or OmegaConf error) behind ``exc``, looking through Hydra's wrappers.
 
-    A bare ``OSError`` of a failed write (:data:`tlunet.utils.WRITE_ERRNOS`: no space, a file
-    size limit, a read-only folder), raised by a library writing for tlunet (a logger, a
-    figure), is one too: its :class:`WriteError` names the file it names."""
+    A bare ``OSError`` that only a write gives (:data:`DISK_FULL_ERRNOS`: no space, a quota, a
+    file size limit, a read-only file system), raised by a library writing for tlunet (a
+    logger), is one too: its :class:`WriteError` names the file it names. (A permission error
+    may come from a read: it keeps its traceback.)"""
     seen = exc
     while seen is not None:
         if isinstance(seen, TlunetError | OmegaConfBaseException):
             return seen
-        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
             where = seen.filename or "a file"
             return write_error(where, seen, "the files written before it are intact")
         if not isinstance(seen, InstantiationException):
@@ -38,10 +40,10 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-#: Lightning log lines that advertise its cloud products or restate a default setting
-#: (``Trainer(limit_val_batches=1.0)`` "was configured so 100% of the batches ..."): nothing
-#: about the run.
-LIGHTNING_NOISE = ("💡 Tip:", "`Trainer(limit_")
+#: Lightning log lines that advertise its cloud products (prefixes), or restate the default
+#: ``limit_*_batches=1.0`` ("was configured so 100% of the batches ..."): nothing about the run.
+LIGHTNING_NOISE = ("💡 Tip:",)
+_LIMIT_DEFAULT = re.compile(r"^`Trainer\(limit_\w+=1\.0\)` was configured so 100%")
 #: Deprecation warnings of third-party code that a tlunet user can do nothing about, as
 #: ``(category, message regex)``; checked with the versions pinned in pyproject.toml.
 KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
@@ -55,7 +57,21 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
 
 class _DropLightningNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(LIGHTNING_NOISE)
+        message = str(record.msg)
+        return not (message.startswith(LIGHTNING_NOISE) or _LIMIT_DEFAULT.match(message))
+
+
+_file_handle_error = logging.FileHandler.handleError
+
+
+def _quiet_file_handle_error(self: logging.FileHandler, record: logging.LogRecord) -> None:
+    """A log file that cannot be written (a full disk) prints no traceback per log line: the
+    failed write of a result file says what happened, in one line. Other logging errors (a
+    bad format string) still show."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, OSError):
+        return
+    _file_handle_error(self, record)
 
 
 _NOISE_FILTER = _DropLightningNoise()
@@ -63,13 +79,15 @@ _NOISE_FILTER = _DropLightningNoise()
 
 def quiet_third_party() -> None:
     """Silence :data:`LIGHTNING_NOISE` and :data:`KNOWN_WARNINGS` in a command's output (every
-    other warning still shows). Idempotent."""
+    other warning still shows), and the traceback per line of a log file on a full disk.
+    Idempotent."""
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if _NOISE_FILTER not in logger.filters:
             logger.addFilter(_NOISE_FILTER)
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    logging.FileHandler.handleError = _quiet_file_handle_error  # type: ignore[method-assign]
 
 
 def user_errors_exit(fn: F) -> F:
@@ -80,9 +98,6 @@ def user_errors_exit(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         quiet_third_party()
-        # A log file that cannot be written (a full disk) must not print a traceback per log
-        # line: the failed write of a result file says what happened, in one line.
-        logging.raiseExceptions = False
         try:
             return fn(*args, **kwargs)
         except Exception as raised:

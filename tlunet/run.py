@@ -259,8 +259,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "environment": environment_info(),
     }
     intact = (
-        f"the run's checkpoints in '{run_dir / 'checkpoints'}' are intact; once space is "
-        f"freed, python -m tlunet.train resume={run_dir} writes the run's files"
+        f"the run's checkpoints in '{run_dir / 'checkpoints'}' are intact; once the disk can "
+        f"be written again, python -m tlunet.train resume={run_dir} writes the run's files"
     )
     write_json_atomic(run_dir / "run.json", run_info, intact)
     if metrics:

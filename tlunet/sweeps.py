@@ -117,6 +117,7 @@ def report_failures(sweep_dir: Path, jobs: Sequence[tuple[int, Sequence[str], An
 
     failed = account(sweep_dir, jobs)
     if not failed:
+        (sweep_dir / "failed_jobs.txt").unlink(missing_ok=True)  # an earlier sweep's
         print(f"All {len(jobs)} jobs of the sweep in '{sweep_dir}' completed.")
         return
     report = (
@@ -136,33 +137,37 @@ def account(
     sweep_dir: Path, jobs: Sequence[tuple[int, Sequence[str], JobReturn | None]]
 ) -> list[str]:
     """One line for each job of ``jobs`` (number, overrides, what the launcher returned) that did
-    not complete: failed (with its reason), killed (started, never ended) or never started."""
+    not complete: failed (with its reason), killed (started, never ended) or never started.
+
+    What the launcher returned decides; a job's ``job_status.json`` (only when it belongs to this
+    job: same number and overrides, not a folder left by an earlier sweep) gives its folder and
+    tells a job killed after it started from one that never started."""
     statuses = read_statuses(sweep_dir)
     # A job is named by what sets it apart: the overrides not shared by every job of the sweep.
     shared = set.intersection(*(set(filter_overrides(o)) for _, o, _ in jobs)) if jobs else set()
     lines = []
     for num, overrides, returned in jobs:
         status = statuses.get(num, {})
+        if status.get("overrides") is not None and list(status["overrides"]) != list(overrides):
+            status = {}  # another sweep's job in a reused folder
         where = f" ({status['dir']})" if status.get("dir") else ""
         own = [o for o in filter_overrides(overrides) if o not in shared or len(jobs) == 1]
         label = f"#{num} {' '.join(own) or '(no overrides)'}"
-        if status.get("status") == "completed" or (
-            not status and returned is not None and returned.status == JobStatus.COMPLETED
-        ):
+        died = returned is not None and getattr(returned, "process_died", False)
+        if returned is not None and not died:
+            if returned.status == JobStatus.COMPLETED:
+                continue
+            reason = one_line(returned._return_value)
+        elif status.get("status") == "completed":
             continue
-        if status.get("status") == "failed":
+        elif status.get("status") == "failed":
             reason = status.get("error", "failed")
-        elif returned is not None and returned.status == JobStatus.FAILED:
-            cause = one_line(returned._return_value)
-            reason = (
-                f"its process died before the job ended ({cause})"
-                if status.get("status") == "running" or not status
-                else cause
-            )
         elif status.get("status") == "running":
-            reason = "started but never ended: killed, or still running"
+            cause = f" ({one_line(returned._return_value)})" if died else ""
+            reason = f"started but never ended: killed, or its process died{cause}"
         else:
-            reason = "never started"
+            cause = f" ({one_line(returned._return_value)})" if died else ""
+            reason = f"never started{cause}"
         lines.append(f"{label}: {reason}{where}")
     return lines
 
@@ -174,6 +179,7 @@ def _settled(job: Any, overrides: Sequence[str]) -> JobReturn:
     except Exception as exc:  # killed, out of memory, time limit: no JobReturn came back
         ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
         ret.return_value = exc
+        ret.process_died = True  # type: ignore[attr-defined]  # read by account()
         return ret
 
 

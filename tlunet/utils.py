@@ -46,6 +46,8 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+#: errno values that only a write gives: no space, a quota, a file size limit, read-only.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 #: errno values of a write that failed because of the disk or the folder, not of tlunet: no
 #: space, a quota, a file size limit (``ulimit -f``), a read-only file system, no permission.
 WRITE_ERRNOS = frozenset(
@@ -66,6 +68,8 @@ def write_error(path: str | Path, exc: OSError, intact: str) -> WriteError:
     the file, the cause and what is ``intact`` (e.g. "the last complete checkpoint ... is
     intact"), for :func:`tlunet.cli.user_errors_exit` to print."""
     cause = exc.strerror or str(exc)
+    if exc.filename and exc.filename != str(path) and not Path(exc.filename).name.startswith("."):
+        cause += f" ('{exc.filename}')"
     hint = _WRITE_HINTS.get(exc.errno or 0)
     if exc.errno is None:  # a short write, e.g. numpy's "16384 requested and 768 written"
         hint = "only part of it was written: is the disk full, or a file size limit reached?"
@@ -98,17 +102,19 @@ def atomic_path(path: str | Path, intact: str | None = None) -> Iterator[Path]:
             os.close(fd)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for colleagues too
         os.replace(tmp, path)
-    except OSError as exc:  # every step here writes: any OSError is a failed write of path
+    except OSError as exc:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        failed = exc.filename if exc.filename not in (None, str(tmp)) else path
+        other = exc.filename not in (None, str(tmp), str(path))
+        if other and exc.errno not in DISK_FULL_ERRNOS:
+            raise  # about another file (the writer reading something): not this write's failure
         if intact is None:
             intact = (
                 f"'{path}' keeps its previous content"
                 if path.exists()
                 else f"no partial '{path.name}' was left"
             )
-        raise write_error(failed, exc, intact) from exc
+        raise write_error(path, exc, intact) from exc
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 
 import tlunet.data.cache as cache_module
 from tests.conftest import TINY_RUN, check_run_dir, compose_config, run_cli
+from tlunet.data.check import check_dataset
 from tlunet.data.datamodule import LGGDataModule
 from tlunet.errors import TlunetError
 
@@ -416,10 +417,9 @@ def test_check_names_an_empty_patient_folder_and_warns_of_stray_files(
     assert f"tlunet error: 1 problem in '{data_copy}'" in out.stderr
     assert "6 patients, 48 usable slices" in out.stdout
     # With data.on_error=skip the folder is listed as skipped and a run would start.
-    out = run_cli(
-        ["tlunet.data.check", f"data.root={data_copy}", "data.on_error=skip"], cwd=tmp_path
-    )
-    assert out.returncode == 0 and "skipped with data.on_error=skip" in out.stdout
+    report = check_dataset(_datamodule(data_copy, on_error="skip"))
+    assert report.ok and [Path(p["path"]).name for p in report.problems] == ["SYN_P999_20000101"]
+    assert "skipped with data.on_error=skip" in "\n".join(report.lines())
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def test_local_submitit_sweep_accounts_for_every_job(synthetic_root: Path, tmp_p
     lines = {line.split(":")[0].strip(): line for line in out.stderr.splitlines() if "  #" in line}
     assert set(lines) == {"#1 data.image_size=100", "#2 data.image_size=96"}, out.stderr[-3000:]
     assert "must be a positive multiple of 32" in lines["#1 data.image_size=100"]
-    assert "process died" in lines["#2 data.image_size=96"]
+    assert "started but never ended: killed" in lines["#2 data.image_size=96"]
     assert (sweep / "failed_jobs.txt").read_text().count("  #") == 2
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [j.name for j in jobs] == [f"{i}_unet_resnet18" for i in range(3)]

@@ -79,4 +79,8 @@ def test_lightning_tips_and_known_deprecations_are_silenced(
         lightning.info("💡 Tip: For seamless cloud logging, try installing [litlogger]")
         lightning.info("`Trainer(limit_val_batches=1.0)` was configured so 100% ...")
         lightning.info("GPU available: False, used: False")
-    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+        lightning.info("`Trainer(limit_train_batches=1)` was configured so 1 batch per epoch ...")
+    assert [r.getMessage() for r in caplog.records] == [
+        "GPU available: False, used: False",
+        "`Trainer(limit_train_batches=1)` was configured so 1 batch per epoch ...",  # the user's
+    ]

@@ -242,6 +242,7 @@ def _build_cache(
         fill(images, masks)
         images.flush()
         masks.flush()
+        pending = _begin_stamp(tmp)
         checksums = {"images": array_checksum(images), "masks": array_checksum(masks)}
         del images, masks
         meta = {**meta, "checksum": CHECKSUM, "checksums": checksums}
@@ -249,7 +250,7 @@ def _build_cache(
             f.write(json.dumps(meta))
             f.flush()
             os.fsync(f.fileno())
-        _stamp(tmp)
+        _commit_stamp(pending, matched=True)
         try:
             os.replace(tmp, folder)
         except OSError as exc:  # another process built the same cache meanwhile
@@ -271,9 +272,15 @@ def _build_cache(
     )
 
 
-def _discard(folder: Path) -> None:
-    """Remove a cache folder: renamed away first (atomic), so that a good cache another process
-    builds under the same name meanwhile is never the one removed."""
+def _discard(folder: Path, inode: int | None = None) -> None:
+    """Remove a cache folder: renamed away first (atomic), and only while it is still the folder
+    that was judged (``inode``), so that a good cache another process rebuilt under the same
+    name meanwhile is left alone."""
+    try:
+        if inode is not None and os.stat(folder).st_ino != inode:
+            return  # replaced by another process's rebuild
+    except OSError:
+        return
     trash = folder.with_name(f"{folder.name}.bad-{uuid.uuid4().hex[:8]}")
     try:
         os.replace(folder, trash)
@@ -283,9 +290,11 @@ def _discard(folder: Path) -> None:
 
 
 #: A cache verified less than this long ago whose files did not change since is not hashed
-#: again: changed means a status-change time (ctime, moved by any write, even one that puts
-#: the modification time back) later than ``verification - CTIME_MARGIN_NS`` (file times are
-#: kept at the kernel's coarse clock, a few ms behind). Figures: docs/reliability.md.
+#: again. The stamp is a file whose modification time is the start of the verification, set by
+#: the file system's clock like the files' ctimes (a shared cache on a file server compares
+#: the server's times with each other); "changed" is a ctime (moved by any write, even one
+#: that puts the modification time back) later than ``stamp - CTIME_MARGIN_NS`` (file times
+#: follow the kernel's coarse clock). Figures: docs/reliability.md.
 VERIFY_EVERY_S = 3600
 CTIME_MARGIN_NS = 2_000_000_000
 _STAMP = "verified"
@@ -296,19 +305,36 @@ def _recently_verified(folder: Path) -> bool:
     """Whether ``folder``'s stamp says it was verified within :data:`VERIFY_EVERY_S` and none of
     its files changed since."""
     try:
-        stamp = int((folder / _STAMP).read_text())
+        stamp = (folder / _STAMP).stat().st_mtime_ns
         changed = max((folder / name).stat().st_ctime_ns for name in _FILES)
-    except (OSError, ValueError):
-        return False
-    return changed < stamp - CTIME_MARGIN_NS and time.time_ns() - stamp < VERIFY_EVERY_S * 10**9
-
-
-def _stamp(folder: Path) -> None:
-    """Record that ``folder`` was verified now (nothing when the cache is read-only)."""
-    try:
-        (folder / _STAMP).write_text(str(time.time_ns()))
     except OSError:
-        pass  # verified at every open then
+        return False
+    age = time.time_ns() - stamp
+    return changed < stamp - CTIME_MARGIN_NS and -CTIME_MARGIN_NS < age < VERIFY_EVERY_S * 10**9
+
+
+def _begin_stamp(folder: Path) -> Path | None:
+    """A new stamp file for a verification that starts now (its modification time), made
+    :func:`_commit_stamp` once the checksums match; None when the folder is read-only (the
+    cache is then verified at every open)."""
+    pending = folder / f".{_STAMP}-{uuid.uuid4().hex[:8]}"
+    try:
+        pending.write_bytes(b"")
+    except OSError:
+        return None
+    return pending
+
+
+def _commit_stamp(pending: Path | None, matched: bool) -> None:
+    if pending is None:
+        return
+    try:
+        if matched:
+            os.replace(pending, pending.parent / _STAMP)  # keeps the start time
+        else:
+            pending.unlink()
+    except OSError:
+        pass
 
 
 def _load_cache(folder: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
@@ -316,7 +342,9 @@ def _load_cache(folder: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
     None (after one warning and removing it, when it exists but is unreadable or changed)."""
     if not (folder / "meta.json").exists():
         return None
+    inode = None
     try:
+        inode = os.stat(folder).st_ino
         meta = json.loads((folder / "meta.json").read_text())
         images = np.load(folder / "images.npy", mmap_mode="r")
         masks = np.load(folder / "masks.npy", mmap_mode="r")
@@ -326,13 +354,14 @@ def _load_cache(folder: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
         if not isinstance(stored, dict):
             reason = "its meta.json holds no checksums (an older tlunet built it)"
         else:
+            pending = _begin_stamp(folder)  # before hashing: a write meanwhile is after it
             changed = [
                 name
                 for name, arr in zip(_ARRAYS, (images, masks), strict=True)
                 if stored.get(name) != array_checksum(arr)
             ]
+            _commit_stamp(pending, matched=not changed)
             if not changed:
-                _stamp(folder)
                 return images, masks, meta
             reason = (
                 f"{' and '.join(f'{n}.npy' for n in changed)} changed since it was built "
@@ -342,7 +371,7 @@ def _load_cache(folder: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
     except (OSError, ValueError) as exc:
         reason = f"unreadable ({exc})"
     log.warning("Decoded-slice cache %s: %s; rebuilding it from the slices", folder, reason)
-    _discard(folder)
+    _discard(folder, inode)
     return None
 
 

@@ -328,12 +328,15 @@ def test_recently_verified_cache_is_not_hashed_again_until_a_write_or_an_hour(
     hashed = []
     real = cache_module.array_checksum
     monkeypatch.setattr(cache_module, "array_checksum", lambda arr: hashed.append(1) or real(arr))
-    (folder / "verified").write_text(str(time.time_ns()))
+    stamp = folder / "verified"  # its modification time: when the last verification began
+    os.utime(stamp, ns=(time.time_ns(),) * 2)
     decode_slices(records, data_copy, cache_dir)
     assert hashed == []  # fresh stamp, files unchanged: no hashing
-    (folder / "verified").write_text(str(time.time_ns() - 2 * 3600 * 10**9))
+    old = time.time_ns() - 2 * 3600 * 10**9
+    os.utime(stamp, ns=(old, old))
     decode_slices(records, data_copy, cache_dir)
     assert len(hashed) == 2  # an old stamp: both arrays hashed, and the stamp renewed
+    assert stamp.stat().st_mtime_ns > old and not list(folder.glob(".verified-*"))
     hashed.clear()
     decode_slices(records, data_copy, cache_dir)
     assert hashed == []
