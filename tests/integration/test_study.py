@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,8 @@ TABLE1 = [
 def test_ten_model_study_and_report(synthetic_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "study"
     overrides = [o for o in TINY_RUN if not o.startswith("encoder=")]
-    overrides = [o.replace("limit_train_batches=2", "limit_train_batches=1") for o in overrides]
+    # one batch per stage: the ten networks end to end, the sweep's directories and the report
+    overrides = [re.sub(r"limit_(\w+)_batches=2", r"limit_\1_batches=1", o) for o in overrides]
     out = run_cli(
         [
             "tlunet.train",

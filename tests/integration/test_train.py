@@ -39,28 +39,6 @@ def test_train_and_test_end_to_end(synthetic_root: Path, tmp_path: Path) -> None
         assert noise not in both, noise
 
 
-@pytest.mark.slow
-def test_multirun_gives_each_job_its_directory(synthetic_root: Path, tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    out = run_cli(
-        [
-            "tlunet.train",
-            "-m",
-            *[o for o in TINY_RUN if not o.startswith("encoder=")],
-            "encoder=resnet18,mobilenet_v2",
-            f"data.root={synthetic_root}",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert jobs == ["0_unet_resnet18", "1_unet_mobilenet_v2"]
-    for job in jobs:
-        check_run_dir(sweep / job)
-        assert json.loads((sweep / job / "run.json").read_text())["encoder"] in job
-
-
 def _assert_user_error(out, *fragments: str) -> None:
     assert out.returncode != 0
     text = out.stdout + out.stderr
