@@ -25,6 +25,7 @@ from typing import Any
 
 from tlunet.errors import TlunetError
 from tlunet.paper import COMPARABLE, TABLE1, paper_label
+from tlunet.sweeps import read_job_status
 from tlunet.utils import write_text_atomic
 
 #: Test metrics carried into the report, in column order.
@@ -63,11 +64,13 @@ def _is_run_dir(folder: Path) -> bool:
     """A run directory: ``run.json`` (written when training ends), or, for a run that never got
     there, the ``config.yaml`` a run writes when it starts beside Hydra's ``.hydra/``, or the
     ``job_status.json`` of a sweep's job."""
-    return (
-        (folder / "run.json").is_file()
-        or (folder / "job_status.json").is_file()
-        or ((folder / "config.yaml").is_file() and (folder / ".hydra").is_dir())
-    )
+    if (folder / "run.json").is_file():
+        return True
+    if (folder / "config.yaml").is_file():
+        return (folder / ".hydra").is_dir() or (folder / "job_status.json").is_file()
+    # A sweep job that stopped before writing config.yaml; a completed job without one wrote
+    # its run elsewhere (resume=<run dir> through a sweep): not a run of its own.
+    return read_job_status(folder).get("status") in ("failed", "running")
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -116,12 +119,7 @@ def run_status(run_dir: Path, has_info: bool, has_metrics: bool) -> str:
     or ``incomplete: <what is known>``."""
     if has_metrics:
         return "complete"
-    job = {}
-    if (run_dir / "job_status.json").is_file():
-        try:
-            job = json.loads((run_dir / "job_status.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            job = {}
+    job = read_job_status(run_dir)
     if job.get("status") == "failed":
         return f"failed: {job.get('error', 'no reason recorded')}"
     if job.get("status") == "running":

@@ -213,13 +213,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if missing:
             log.warning("Test metrics missing from the run: %s", missing)
 
+    result = {
+        "metrics": metrics,
+        "best_score": best_score,
+        "run_dir": str(run_dir),
+        "synthetic": cfg.data.get("synthetic") is not None,
+        "tested": "best checkpoint" if best_path else "last weights",
+    }
     if not is_zero:
-        return {
-            "metrics": metrics,
-            "best_score": best_score,
-            "run_dir": str(run_dir),
-            "synthetic": cfg.data.get("synthetic") is not None,
-        }
+        return result
     metrics_csv = run_dir / "csv" / "metrics.csv"
     if metrics_csv.exists():
         try:
@@ -282,9 +284,4 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         artifacts=[run_dir / n for n in ("metrics.json", "run.json", "config.yaml")]
         + ([Path(best_path)] if best_path else []),
     )
-    return {
-        "metrics": metrics,
-        "best_score": best_score,
-        "run_dir": str(run_dir),
-        "synthetic": cfg.data.get("synthetic") is not None,
-    }
+    return result

@@ -29,7 +29,9 @@ def _value(value: Any) -> str:
     return f"{float(value):.3f}"
 
 
-def summary_table(metrics: Mapping[str, Any], stage: str = "test") -> Table | None:
+def summary_table(
+    metrics: Mapping[str, Any], stage: str = "test", tested: str = "best checkpoint"
+) -> Table | None:
     """The table of :data:`HEADLINE_METRICS` found in ``metrics`` (keys ``<stage>/<name>``)."""
     rows = [
         (name, _value(metrics[f"{stage}/{name}"]), meaning)
@@ -45,7 +47,7 @@ def summary_table(metrics: Mapping[str, Any], stage: str = "test") -> Table | No
         size = f": {int(slices)} slices"
         if patients is not None:
             size += f" of {int(patients)} patients"
-    table = Table(title=f"Test stage{size} (best checkpoint, native resolution)")
+    table = Table(title=f"Test stage{size} ({tested}, native resolution)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("what it computes")
@@ -58,7 +60,7 @@ def print_run_summary(result: Mapping[str, Any], console: Console | None = None)
     """Print the ending of a training run: the table, the run's files, the next commands."""
     console = console or Console()
     metrics = result.get("metrics") or {}
-    table = summary_table(metrics)
+    table = summary_table(metrics, tested=result.get("tested", "best checkpoint"))
     if table is not None:
         console.print(table)
         console.print(

@@ -33,7 +33,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from tlunet.utils import write_json_atomic
+from tlunet.errors import TlunetError
+from tlunet.utils import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,23 @@ class JobStatusCallback(Callback):
             self._write(config, status="failed", error=one_line(job_return._return_value))
 
 
+def read_job_status(job_dir: Path) -> dict[str, Any]:
+    """The ``job_status.json`` of ``job_dir``, or ``{}`` when it has none (or an unreadable one)."""
+    try:
+        status = json.loads((job_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
 def read_statuses(sweep_dir: Path) -> dict[int, dict[str, Any]]:
     """``job number -> job_status.json`` (plus ``dir``) of the jobs under ``sweep_dir``."""
     found: dict[int, dict[str, Any]] = {}
     for path in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
+        status = read_job_status(path.parent)
         try:
-            status = json.loads(path.read_text())
             found[int(status["job"])] = {**status, "dir": str(path.parent)}
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError, ValueError):
             continue
     return found
 
@@ -125,8 +135,8 @@ def report_failures(sweep_dir: Path, jobs: Sequence[tuple[int, Sequence[str], An
         "did not complete:\n" + "\n".join(f"  {line}" for line in failed)
     )
     try:
-        (sweep_dir / "failed_jobs.txt").write_text(report + "\n")
-    except OSError:
+        write_text_atomic(sweep_dir / "failed_jobs.txt", report + "\n")
+    except TlunetError:  # a full disk: the list is printed below all the same
         pass
     sys.stdout.flush()
     print(report, file=sys.stderr)

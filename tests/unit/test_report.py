@@ -110,3 +110,12 @@ def test_runs_scored_before_native_resolution_are_never_averaged_with_new_ones(
     md = files["md"].read_text()
     assert "| unet | vgg16 | patient | 1 | 65.00 |" in md  # the new run alone, not (60+90)/2
     assert "old (scored at network resolution (before tlunet 0.2.0))" in md
+
+
+def test_sweep_job_folders_without_a_run_of_their_own(tmp_path: Path) -> None:
+    """A failed or killed job is a run (listed as such); a completed job folder without a run
+    (a resume through a sweep writes into the run's own folder) is not one."""
+    for name, status in (("0_failed", "failed"), ("1_killed", "running"), ("2_done", "completed")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "job_status.json").write_text(json.dumps({"job": 0, "status": status}))
+    assert [p.name for p in find_runs(tmp_path)] == ["0_failed", "1_killed"]

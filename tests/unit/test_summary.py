@@ -84,3 +84,8 @@ def test_lightning_tips_and_known_deprecations_are_silenced(
         "GPU available: False, used: False",
         "`Trainer(limit_train_batches=1)` was configured so 1 batch per epoch ...",  # the user's
     ]
+
+
+def test_title_says_what_was_tested(tmp_path: Path) -> None:
+    result = {"metrics": METRICS, "run_dir": str(tmp_path), "tested": "last weights"}
+    assert "Test stage: 86 slices of 6 patients (last weights" in _printed(result)
