@@ -102,9 +102,7 @@ def atomic_path(path: str | Path, intact: str | None = None) -> Iterator[Path]:
             os.close(fd)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for colleagues too
         os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+    except OSError as exc:  # the temporary file goes in the finally clause
         other = exc.filename not in (None, str(tmp), str(path))
         if other and exc.errno not in DISK_FULL_ERRNOS:
             raise  # about another file (the writer reading something): not this write's failure
