@@ -23,6 +23,7 @@ from tlunet.errors import ConfigError
 from tlunet.metrics import PER_PATIENT_KEYS
 from tlunet.models import count_parameters
 from tlunet.scoring import scoring_info
+from tlunet.targets import check_targets
 from tlunet.tracking import log_config, log_results
 from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
 from tlunet.viz import plot_training_curves
@@ -85,6 +86,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
             )
     checkpoint = load_checkpoint(ckpt)
     run_cfg = OmegaConf.load(stored)
+    check_targets(run_cfg, stored)  # before anything of it is built
     first_dir = Path(str(run_cfg.paths.output_dir)).resolve()
     if first_dir != run_dir:
         # The checkpoint callback's state (best model, last path) names the first folder.

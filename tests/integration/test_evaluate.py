@@ -186,6 +186,9 @@ def test_evaluate_reproduces_the_run(tiny_run: Path, tmp_path: Path) -> None:
         _assert_png(eval_dir / name)
         assert name in out.stdout  # listed with the files written
     assert not (eval_dir / "threshold.png").exists()
+    # The decoded slices are cached in this command's cache, not in the folder the checkpoint
+    # names (a file tlunet reads never chooses where it writes).
+    assert (tmp_path / ".tlunet-cache" / "slices").is_dir()
 
 
 def _assert_png(path: Path) -> None:

@@ -1,0 +1,173 @@
+"""The allow-list of ``_target_``s a stored config may make tlunet build (tlunet.targets)."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import CONF_DIR
+from tlunet.targets import ENV_VAR, UntrustedTarget, check_targets, is_trusted
+
+
+def payloads(marker: Path) -> dict[str, dict]:
+    """Config nodes that create ``marker`` when instantiated (the issue's five)."""
+    return {
+        "builtins.open": {"_target_": "builtins.open", "file": str(marker), "mode": "w"},
+        "write_text_atomic": {
+            "_target_": "tlunet.utils.write_text_atomic",
+            "path": str(marker),
+            "text": "attacker text",
+        },
+        "os.system": {"_target_": "os.system", "_args_": [f"touch '{marker}'"]},
+        "subprocess.run": {"_target_": "subprocess.run", "args": ["touch", str(marker)]},
+        "importlib.import_module": {
+            "_target_": "importlib.import_module",
+            "name": "tlunet_test_payload",
+        },
+    }
+
+
+def evil_module(tmp_path: Path, marker: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module ``tlunet_test_payload`` on sys.path that creates ``marker`` when imported."""
+    (tmp_path / "tlunet_test_payload.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def stored_config(node: dict, where: str = "weight_decay") -> dict:
+    """A run config as a checkpoint stores it, with ``node`` in an unused optimiser key."""
+    optimizer = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, where: node}
+    return {
+        "module": {
+            "_target_": "tlunet.module.SegmentationModule",
+            "net": {"_target_": "tlunet.models.build_model", "arch": "unet"},
+            "loss": {"_target_": "segmentation_models_pytorch.losses.DiceLoss", "mode": "binary"},
+            "optimizer": optimizer,
+        },
+        "data": {
+            "_target_": "tlunet.data.datamodule.LGGDataModule",
+            "augment": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}],
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["builtins.open", "write_text_atomic", "os.system", "subprocess.run", "importlib."]
+)
+def test_each_payload_is_refused_naming_file_key_and_target(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "pwned"
+    evil_module(tmp_path, marker, monkeypatch)
+    node = next(v for k, v in payloads(marker).items() if k.startswith(name))
+    with pytest.raises(UntrustedTarget) as raised:
+        check_targets(stored_config(node), "some/best.ckpt")
+    message = str(raised.value)
+    assert "'some/best.ckpt'" in message
+    assert "module.optimizer.weight_decay" in message and node["_target_"] in message
+    assert "\n" not in message
+    assert not marker.exists()
+
+
+def test_nodes_in_args_and_partials_are_checked(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    inside_args = {"_target_": "torch.nn.Sequential", "_args_": [payloads(marker)["os.system"]]}
+    with pytest.raises(UntrustedTarget, match=r"module\.optimizer\.betas\._args_\[0\]"):
+        check_targets(stored_config(inside_args, "betas"), "x.ckpt")
+    partial = {**payloads(marker)["subprocess.run"], "_partial_": True}
+    with pytest.raises(UntrustedTarget, match="subprocess.run"):
+        check_targets(stored_config(partial), "x.ckpt")
+    in_a_list = {"augment": [{"_target_": "albumentations.HorizontalFlip"}, partial]}
+    with pytest.raises(UntrustedTarget, match=r"augment\[1\]"):
+        check_targets(in_a_list, "x.ckpt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "albumentations.save",  # a trusted package's function that writes a file
+        "torch.save",  # torch outside torch.nn / torch.optim
+        "segmentation_models_pytorch.Unet.from_pretrained",  # a method, not a class
+        "tlunet.utils.atomic_path",
+        "tlunet.data.synthetic.write_synthetic_dataset",
+        "tlunet.models.Nonexistent",
+        "tlunet",
+    ],
+)
+def test_only_classes_of_a_run_and_tlunets_builders_are_trusted(name: str) -> None:
+    assert not is_trusted(name)
+
+
+def test_a_module_outside_the_trusted_packages_is_never_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "pwned"
+    evil_module(tmp_path, marker, monkeypatch)
+    with pytest.raises(UntrustedTarget, match="tlunet_test_payload.Net"):
+        check_targets({"net": {"_target_": "tlunet_test_payload.Net"}}, "run/config.yaml")
+    assert not marker.exists()
+
+
+def test_a_user_trusts_their_own_targets_by_name_or_prefix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = {"net": {"_target_": "mylab.nets.MyUNet"}, "loss": {"_target_": "mylab.losses.L"}}
+    with pytest.raises(UntrustedTarget, match=rf"{ENV_VAR}=mylab\.nets\.MyUNet"):
+        check_targets(config, "c.yaml")
+    monkeypatch.setenv(ENV_VAR, "mylab.nets.MyUNet")
+    with pytest.raises(UntrustedTarget, match="mylab.losses.L"):
+        check_targets(config, "c.yaml")
+    monkeypatch.setenv(ENV_VAR, "mylab.nets.MyUNet, mylab.losses.")
+    check_targets(config, "c.yaml")
+    assert not is_trusted("mylab.nets.MyUNetEvil") and not is_trusted("mylabx.losses.L")
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["logger=[default,mlflow,wandb]", "trainer=ddp", "model=resunet"],
+        ["experiment=demo", "model.aux_head=true"],
+    ],
+)
+def test_configs_tlunet_writes_are_trusted(overrides: list[str]) -> None:
+    check_targets(_compose(overrides), "config.yaml")  # every node, interpolations unresolved
+
+
+@pytest.mark.slow
+def test_every_group_option_and_experiment_is_trusted() -> None:
+    groups = ("experiment", "encoder", "model", "loss", "logger", "trainer", "cluster")
+    groups += ("hparams_search", "debug", "data", "table1", "callbacks")
+    for group in groups:
+        for path in sorted(glob.glob(str(CONF_DIR / group / "*.yaml"))):
+            option = Path(path).stem
+            override = f"logger=[default,{option}]" if group == "logger" else f"{group}={option}"
+            check_targets(_compose([override]), override)
+
+
+def test_an_installed_package_trusts_its_targets_through_entry_points(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from importlib.metadata import EntryPoint
+
+    import tlunet.targets as targets
+
+    entry = EntryPoint(name="mylab", value="mylab.", group=targets.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(
+        targets.metadata,
+        "entry_points",
+        lambda group: [entry] if group == targets.ENTRY_POINT_GROUP else [],
+    )
+    targets._entry_point_names.cache_clear()
+    try:
+        assert is_trusted("mylab.nets.MyUNet") and not is_trusted("otherlab.Net")
+    finally:
+        targets._entry_point_names.cache_clear()
