@@ -17,7 +17,8 @@ progress bars on a terminal.
 Every score is computed at the native resolution of the masks on disk, on the masks
 ``tlunet.predict`` would write (:mod:`tlunet.scoring`). Model, image size and normalisation
 come from the checkpoint; split settings too, unless ``data.*`` values on the command line
-replace them. Patients the model was trained or validated on, found by
+replace them; the model runs in the precision its run computed in unless ``precision=`` says
+otherwise (:mod:`tlunet.precision`). Patients the model was trained or validated on, found by
 folder name or, renamed, by their images (:mod:`tlunet.data.fingerprint`), are refused unless
 ``eval.allow_seen_patients=true``.
 """
@@ -50,6 +51,7 @@ from tlunet.postprocess import (
     postprocess_volume,
     threshold_curve,
 )
+from tlunet.precision import checkpoint_precision
 from tlunet.scoring import scoring_info, threshold_masks, to_native
 from tlunet.stats import global_dice_ci, mean_ci
 from tlunet.utils import (
@@ -101,7 +103,9 @@ class PredictionCollector(pl.Callback):
         detect = outputs.get("detect_prob")
         tta_probs = tta_detect = None
         if self.tta:
-            tta_probs, tta_detect = flip_tta(pl_module, batch["image"], probs, detect)
+            # Outside test_step, so in the Trainer's precision only inside its context.
+            with trainer.precision_plugin.forward_context():
+                tta_probs, tta_detect = flip_tta(pl_module, batch["image"], probs, detect)
             tta_probs = tta_probs[:, 0].cpu().numpy()
             tta_detect = None if tta_detect is None else tta_detect.cpu().numpy()
         probs = probs[:, 0].cpu().numpy()
@@ -490,6 +494,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
 
     module = module_from_checkpoint(checkpoint, run_cfg)
+    # The run's precision by default: the run's own test is reproduced (docs/evaluation.md).
+    precision = checkpoint_precision(
+        checkpoint, cfg.ckpt_path, cfg.accelerator, cfg.get("precision"), "precision"
+    )
+    log.info("Running the model in %s: %s", precision.precision, precision.source)
     trainer = pl.Trainer(
         accelerator=cfg.accelerator,
         devices=1,
@@ -498,7 +507,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         callbacks=[StageProgressBar()] if show_progress() else [],
         enable_progress_bar=show_progress(),
         enable_model_summary=False,
-        precision="32-true",
+        precision=precision.precision,
     )
     datamodule.trainer = trainer  # data.pin_memory=null: pinned when evaluating on CUDA
     loader = datamodule.dataloader(cfg.stage, shuffle=False)
@@ -613,6 +622,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "fold": run_cfg.data.get("fold") if run_cfg.data.get("num_folds") else None,
         "patients": len(evaluated),
         "seen_patients": seen,
+        "precision": precision.info(),
         "options": {
             "tta": tta,
             "postprocess": options.get("postprocess"),

@@ -316,6 +316,9 @@ class SegmentationModule(pl.LightningModule):
             "preprocessing": getattr(datamodule, "preprocessing", None),
             "patients": patients,
             "patient_fingerprints": fingerprints,
+            # What the run computed in (Lightning's name, "mixed" resolved): evaluate and
+            # predict run the checkpoint in it by default, so they reproduce the run's test.
+            "precision": str(self.trainer.precision),
             "detect_source": self.detect_source,
             # Validation scores at native resolution (tlunet >= 0.2.0): resumable with this code.
             "scoring": "native",

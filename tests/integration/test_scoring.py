@@ -107,6 +107,19 @@ def test_native_scoring_matches_predict_on_phantoms(
 
 
 @pytest.mark.slow
+def test_native_scoring_matches_predict_in_bf16(
+    tiny_bf16_run: Path, synthetic_root_128: Path, tmp_path: Path
+) -> None:
+    """A run tested in bf16 autocast (trainer=cpu on a CPU with bf16 instructions): evaluate
+    and predict run its checkpoint in bf16 too, so predict writes exactly the masks evaluate
+    scores, and evaluate reproduces the run's test."""
+    metrics = check_native_scoring(tiny_bf16_run, synthetic_root_128, tmp_path)
+    run_metrics = json.loads((tiny_bf16_run / "metrics.json").read_text())
+    for key in ("test/dice", "test/dice_per_patient", "test/loss", "test/dice_keras_batch"):
+        assert metrics[key] == pytest.approx(run_metrics[key], abs=1e-6), key
+
+
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_native_scoring_matches_predict_on_the_real_sample(tmp_path: Path) -> None:
     root = real_data_root()
