@@ -25,6 +25,7 @@ from pytorch_lightning.plugins.precision import (
     Precision,
 )
 
+from tlunet import builders
 from tlunet.builders import resolve_precision
 from tlunet.errors import ConfigError
 
@@ -84,7 +85,8 @@ def checkpoint_precision(
     ``requested`` (the command's ``key``; ``mixed`` resolved for this machine) when given,
     else its run's (see the module's docstring for where that is found). A run's ``16-mixed``
     (fp16 autocast, GPU only) runs in ``32-true`` on the CPU, where Lightning has no fp16
-    autocast. Raises :class:`ConfigError` for a precision Lightning does not know."""
+    autocast; bf16 on a CPU without bf16 instructions (emulated, slow) is named in
+    ``source``. Raises :class:`ConfigError` for a precision Lightning does not know."""
     ckpt_path = Path(str(ckpt_path)).expanduser()
     stored = (checkpoint.get("tlunet") or {}).get("precision")
     beside = None if stored else _run_json_precision(ckpt_path)
@@ -112,6 +114,11 @@ def checkpoint_precision(
     if precision == "16-mixed" and accelerator == "cpu":
         precision = "32-true"
         source += "; 16-mixed (fp16 autocast) has no CPU version in Lightning: fp32 here"
+    if precision.startswith("bf16") and accelerator == "cpu" and not builders.cpu_has_fast_bf16():
+        source += (
+            "; this CPU has no bf16 instructions, so bf16 is emulated: slower than "
+            "precision=32-true, whose scores differ from the run's in the last digits"
+        )
     return RunPrecision(precision, source, run)
 
 

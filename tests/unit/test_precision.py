@@ -56,6 +56,15 @@ def test_older_checkpoints_fall_back_to_run_json_then_config(
     assert checkpoint_precision(_checkpoint(), tmp_path / "x.ckpt", "cpu").run is None
 
 
+def test_emulated_bf16_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tmp_path / "best.ckpt"
+    monkeypatch.setattr(tlunet.builders, "cpu_has_fast_bf16", lambda: False)
+    got = checkpoint_precision(_checkpoint("bf16-mixed"), ckpt, "cpu")
+    assert got.precision == "bf16-mixed" and "bf16 is emulated" in got.source
+    monkeypatch.setattr(tlunet.builders, "cpu_has_fast_bf16", lambda: True)
+    assert "emulated" not in checkpoint_precision(_checkpoint("bf16-mixed"), ckpt, "cpu").source
+
+
 def test_fp16_on_the_cpu_and_unknown_precisions(tmp_path: Path) -> None:
     ckpt = tmp_path / "best.ckpt"
     got = checkpoint_precision(_checkpoint("16-mixed"), ckpt, "cpu")
