@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,32 @@ def tiny_run(synthetic_root_128: Path, tmp_path_factory: pytest.TempPathFactory)
     return train_tiny(
         synthetic_root_128, tmp_path_factory.mktemp("tiny_run"), "trainer.limit_test_batches=1.0"
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16_run(synthetic_root_128: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_run`` in bf16 autocast, the precision ``trainer=cpu`` (``mixed``) resolves to on a
+    CPU with bf16 instructions; skips on a CPU without them (``mixed`` is fp32 there)."""
+    from tlunet.builders import resolve_precision
+
+    if resolve_precision("mixed", "cpu") != "bf16-mixed":
+        pytest.skip("this CPU has no bf16 instructions: trainer=cpu runs in fp32 here")
+    return train_tiny(
+        synthetic_root_128,
+        tmp_path_factory.mktemp("tiny_bf16_run"),
+        "trainer.limit_test_batches=1.0",
+        "trainer.precision=mixed",  # trainer=cpu's
+    )
+
+
+def copy_patient_renamed(root: Path, patient: str, dst_root: Path, name: str) -> Path:
+    """Copy ``root/patient`` to ``dst_root/name``, renaming its files as kaggle_3m names them
+    (``<name>/<name>_<n>.tif``, ``<name>_<n>_mask.tif``): the same slices under a new name."""
+    dst = dst_root / name
+    dst.mkdir(parents=True)
+    for file in (root / patient).iterdir():
+        shutil.copy2(file, dst / file.name.replace(patient, name, 1))
+    return dst
 
 
 def check_run_dir(run_dir: Path) -> dict[str, float]:

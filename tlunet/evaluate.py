@@ -17,7 +17,9 @@ progress bars on a terminal.
 Every score is computed at the native resolution of the masks on disk, on the masks
 ``tlunet.predict`` would write (:mod:`tlunet.scoring`). Model, image size and normalisation
 come from the checkpoint; split settings too, unless ``data.*`` values on the command line
-replace them. Patients the model was trained or validated on are refused unless
+replace them; the model runs in the precision its run computed in unless ``precision=`` says
+otherwise (:mod:`tlunet.precision`). Patients the model was trained or validated on, found by
+folder name or, renamed, by their images (:mod:`tlunet.data.fingerprint`), are refused unless
 ``eval.allow_seen_patients=true``.
 """
 
@@ -49,6 +51,7 @@ from tlunet.postprocess import (
     postprocess_volume,
     threshold_curve,
 )
+from tlunet.precision import checkpoint_precision
 from tlunet.scoring import scoring_info, threshold_masks, to_native
 from tlunet.stats import global_dice_ci, mean_ci
 from tlunet.utils import (
@@ -100,7 +103,9 @@ class PredictionCollector(pl.Callback):
         detect = outputs.get("detect_prob")
         tta_probs = tta_detect = None
         if self.tta:
-            tta_probs, tta_detect = flip_tta(pl_module, batch["image"], probs, detect)
+            # Outside test_step, so in the Trainer's precision only inside its context.
+            with trainer.precision_plugin.forward_context():
+                tta_probs, tta_detect = flip_tta(pl_module, batch["image"], probs, detect)
             tta_probs = tta_probs[:, 0].cpu().numpy()
             tta_detect = None if tta_detect is None else tta_detect.cpu().numpy()
         probs = probs[:, 0].cpu().numpy()
@@ -323,19 +328,59 @@ def _collect(
 
 
 def seen_patients(
-    recorded: dict[str, list[str]] | None, evaluated: list[str]
+    recorded: dict[str, list[str]] | None,
+    evaluated: list[str],
+    fingerprints: dict[str, str] | None = None,
+    evaluated_fingerprints: dict[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """Which of the ``evaluated`` patients the checkpoint trained or validated on; ``None``
-    when the checkpoint does not record its patients (made before tlunet recorded them)."""
+    when the checkpoint does not record its patients (made before tlunet recorded them).
+
+    A patient is seen when its name is one of ``recorded``'s (``{"train": [...], "val":
+    [...]}``) or, given the checkpoint's ``fingerprints`` (recorded name -> content
+    fingerprint, :mod:`tlunet.data.fingerprint`) and those of the evaluated patients, when its
+    images are those of a recorded patient under another name. Returns the counts (``count``
+    seen, of them ``train`` and ``val``, of ``evaluated``), ``compared`` (``names and
+    content`` or ``names only``) and ``patients``: per seen patient, the recorded patient it
+    matched (``recorded_as``), that patient's ``stage`` and ``matched_by`` (``name``,
+    ``content`` or ``name and content``).
+    """
     if not recorded:
         return None
-    train, val = set(recorded.get("train") or []), set(recorded.get("val") or [])
-    names = set(evaluated)
+    stage_of = {name: "val" for name in recorded.get("val") or []}
+    stage_of |= {name: "train" for name in recorded.get("train") or []}
+    by_content: dict[str, str] = {}
+    compare = bool(fingerprints) and evaluated_fingerprints is not None
+    if compare:
+        for name in sorted(stage_of, reverse=True):  # the first name wins a shared content
+            if fingerprints.get(name):
+                by_content[fingerprints[name]] = name
+    patients = []
+    for name in sorted(set(evaluated)):
+        content = evaluated_fingerprints.get(name) if compare else None
+        twin = by_content.get(content) if content else None
+        if name in stage_of:
+            same = content is not None and fingerprints.get(name) == content
+            match = (name, "name and content" if same else "name")
+        elif twin is not None:
+            match = (twin, "content")
+        else:
+            continue
+        patients.append(
+            {
+                "patient": name,
+                "recorded_as": match[0],
+                "stage": stage_of[match[0]],
+                "matched_by": match[1],
+            }
+        )
     return {
-        "count": len(names & (train | val)),
-        "train": len(names & train),
-        "val": len(names & val),
-        "evaluated": len(names),
+        "count": len(patients),
+        "train": sum(p["stage"] == "train" for p in patients),
+        "val": sum(p["stage"] == "val" for p in patients),
+        "evaluated": len(set(evaluated)),
+        "compared": "names and content" if compare else "names only",
+        "patients": patients,
     }
 
 
@@ -403,7 +448,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         datamodule.datasets["all"] = everything
     datamodule.require_stage(cfg.stage)
     evaluated = datamodule.patients if cfg.stage == "all" else datamodule.stage_patients(cfg.stage)
-    seen = seen_patients(stored.get("patients"), evaluated)
+    # Seen patients: by name, and by content (a renamed copy) where the checkpoint records
+    # fingerprints of its training and validation patients.
+    recorded_fingerprints = (stored.get("patient_fingerprints") or {}).get("patients")
+    seen = seen_patients(
+        stored.get("patients"),
+        evaluated,
+        recorded_fingerprints,
+        datamodule.patient_fingerprints(evaluated) if recorded_fingerprints else None,
+    )
     allow_seen = bool(options.get("allow_seen_patients", False))
     if seen is None:
         log.warning(
@@ -412,12 +465,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             cfg.ckpt_path,
             len(evaluated),
         )
-    elif seen["count"] and not allow_seen:
+    elif seen["compared"] == "names only":
+        log.warning(
+            "%s records no fingerprints of its patients (an older tlunet made it): the "
+            "evaluated patients were compared with its training and validation patients by "
+            "folder name only, so a renamed copy of one of them would not be found.",
+            cfg.ckpt_path,
+        )
+    renamed = 0 if seen is None else sum(p["matched_by"] == "content" for p in seen["patients"])
+    if seen is not None and seen["count"] and not allow_seen:
         raise ConfigError(
             f"{seen['count']} of the {seen['evaluated']} patients of stage={cfg.stage} were used "
-            f"to train ({seen['train']}) or validate ({seen['val']}) this model, so its scores "
-            "there are not a test. Evaluate new patients, or pass eval.allow_seen_patients=true "
-            "(the count is then written to metrics.json as seen_patients)."
+            f"to train ({seen['train']}) or validate ({seen['val']}) this model"
+            + (
+                f" ({renamed} of them under another name: the same images as a training or "
+                "validation patient)"
+                if renamed
+                else ""
+            )
+            + ", so its scores there are not a test. Evaluate new patients, or pass "
+            "eval.allow_seen_patients=true (the count is then written to metrics.json as "
+            "seen_patients)."
             + (
                 " A slice-level split (data.split=paper) shares patients between all stages."
                 if not per_patient
@@ -426,6 +494,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
 
     module = module_from_checkpoint(checkpoint, run_cfg)
+    # The run's precision by default: the run's own test is reproduced (docs/evaluation.md).
+    precision = checkpoint_precision(
+        checkpoint, cfg.ckpt_path, cfg.accelerator, cfg.get("precision"), "precision"
+    )
+    log.info("Running the model in %s: %s", precision.precision, precision.source)
     trainer = pl.Trainer(
         accelerator=cfg.accelerator,
         devices=1,
@@ -434,7 +507,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         callbacks=[StageProgressBar()] if show_progress() else [],
         enable_progress_bar=show_progress(),
         enable_model_summary=False,
-        precision="32-true",
+        precision=precision.precision,
     )
     datamodule.trainer = trainer  # data.pin_memory=null: pinned when evaluating on CUDA
     loader = datamodule.dataloader(cfg.stage, shuffle=False)
@@ -549,6 +622,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "fold": run_cfg.data.get("fold") if run_cfg.data.get("num_folds") else None,
         "patients": len(evaluated),
         "seen_patients": seen,
+        "precision": precision.info(),
         "options": {
             "tta": tta,
             "postprocess": options.get("postprocess"),

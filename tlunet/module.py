@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import tlunet
+from tlunet.data.fingerprint import FINGERPRINT
 from tlunet.errors import ConfigError
 from tlunet.metrics import SegmentationMetrics, prefixed
 from tlunet.models.aux_head import split_outputs, upgrade_state_dict
@@ -298,14 +299,26 @@ class SegmentationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        patients = None
+        patients = fingerprints = None
         if getattr(datamodule, "stage_rows", None):
-            # Which patients the model saw: tlunet.evaluate refuses to score it on them.
+            # Which patients the model saw: tlunet.evaluate refuses to score it on them, found
+            # by name or, renamed, by their images (hashed once per run, reused at each save).
             patients = {s: datamodule.stage_patients(s) for s in ("train", "val")}
+            if hasattr(datamodule, "patient_fingerprints"):
+                fingerprints = {
+                    "method": FINGERPRINT,
+                    "patients": datamodule.patient_fingerprints(
+                        sorted({*patients["train"], *patients["val"]})
+                    ),
+                }
         checkpoint["tlunet"] = {
             "version": tlunet.__version__,
             "preprocessing": getattr(datamodule, "preprocessing", None),
             "patients": patients,
+            "patient_fingerprints": fingerprints,
+            # What the run computed in (Lightning's name, "mixed" resolved): evaluate and
+            # predict run the checkpoint in it by default, so they reproduce the run's test.
+            "precision": str(self.trainer.precision),
             "detect_source": self.detect_source,
             # Validation scores at native resolution (tlunet >= 0.2.0): resumable with this code.
             "scoring": "native",

@@ -10,7 +10,8 @@ FLAIR channel), and ``tumour_area.csv`` lists the tumour area per slice (and, fo
 trained with the aux head, the head's slice-level tumour probability,
 ``aux_tumour_probability``, and its answer at 0.5). Resizing and normalisation come from the
 checkpoint; the probabilities are resized back to each input's size and then thresholded
-(:mod:`tlunet.resolution`), exactly as ``tlunet.evaluate`` scores them.
+(:mod:`tlunet.resolution`), exactly as ``tlunet.evaluate`` scores them, in the same precision
+(``precision=``, by default that of the checkpoint's run: :mod:`tlunet.precision`).
 
 PATH may also be a kaggle_3m folder (of patient folders): ``DIR/<patient>/`` as above for each
 patient, and ``DIR/tumour_volume.csv`` with one row per patient (slices, slices with tumour,
@@ -38,6 +39,7 @@ from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
 from tlunet.cli import user_errors_exit
 from tlunet.data.transforms import build_transform
 from tlunet.errors import ConfigError
+from tlunet.precision import checkpoint_precision, precision_plugin
 from tlunet.slices import Infer, run_prediction
 
 log = logging.getLogger(__name__)
@@ -52,14 +54,22 @@ def checkpoint_loader(cfg: DictConfig) -> tuple[Infer, float, bool]:
         raise ConfigError(f"Checkpoint '{cfg.ckpt_path}' records no preprocessing.")
     module = module_from_checkpoint(checkpoint)
     device = torch.device("cuda" if cfg.accelerator == "gpu" else "cpu")
-    module.to(device)
+    # The precision tlunet.evaluate runs the checkpoint in (by default its run's): the masks
+    # written here are the ones it scores.
+    precision = checkpoint_precision(
+        checkpoint, cfg.ckpt_path, cfg.accelerator, cfg.get("precision"), "precision"
+    )
+    log.info("Running the model in %s: %s", precision.precision, precision.source)
+    plugin = precision_plugin(precision.precision, device.type)
+    module = plugin.convert_module(module.to(device))
     threshold = cfg.threshold if cfg.threshold is not None else module.threshold
     transform = build_transform(pre["image_size"], pre["mean"], pre["std"])
 
     @torch.no_grad()
     def infer(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         batch = torch.stack([transform(image=im, mask=im[..., 0])["image"] for im in images])
-        probs, detect = module.predict_probs(batch.to(device))
+        with plugin.forward_context():
+            probs, detect = module.predict_probs(plugin.convert_input(batch.to(device)))
         return probs.float().cpu().numpy(), None if detect is None else detect.float().cpu().numpy()
 
     return infer, float(threshold), bool(module.has_aux)

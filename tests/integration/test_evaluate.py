@@ -155,8 +155,19 @@ def test_volume_similarity_and_dice_by_hand() -> None:
     assert dice_iou(p & False, t & False) == (1.0, 1.0)
 
 
-def test_evaluate_reproduces_the_run(tiny_run: Path, tmp_path: Path) -> None:
-    run_dir = tiny_run
+@pytest.fixture(params=["32-true", pytest.param("bf16-mixed", marks=pytest.mark.slow)])
+def run_and_precision(request: pytest.FixtureRequest) -> tuple[Path, str]:
+    """A tiny run tested in fp32 (trainer=default), and one in bf16 (trainer=cpu's ``mixed`` on
+    a CPU with bf16 instructions; skipped elsewhere), with the precision it ran in."""
+    name = "tiny_run" if request.param == "32-true" else "tiny_bf16_run"
+    return request.getfixturevalue(name), request.param
+
+
+def test_evaluate_reproduces_the_run(run_and_precision: tuple[Path, str], tmp_path: Path) -> None:
+    """Every metric of the run's own test, to 1e-6 (docs/evaluation.md), in the precision the
+    run was tested in, which evaluate takes from the checkpoint by default."""
+    run_dir, precision = run_and_precision
+    assert json.loads((run_dir / "run.json").read_text())["precision"] == precision
     eval_dir = tmp_path / "eval"
     out = run_cli(
         [
@@ -180,6 +191,8 @@ def test_evaluate_reproduces_the_run(tiny_run: Path, tmp_path: Path) -> None:
     slices = list(csv.DictReader(open(eval_dir / "per_slice.csv")))
     assert len(slices) == sum(int(p["slices"]) for p in patients) == original["test/num_slices"]
     assert "test/hd95_per_patient" in again and "test/volume_similarity_per_patient" in again
+    used = json.loads((eval_dir / "evaluation.json").read_text())["precision"]
+    assert used["used"] == used["run"] == precision and "checkpoint" in used["source"]
     # The figures: per-patient Dice and the worst patients' slices; no threshold curve
     # without eval.threshold=auto.
     for name in ("per_patient.png", "worst_patients.png"):

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import torch
 
-from tests.conftest import real_data_root, run_cli, train_tiny
+from tests.conftest import copy_patient_renamed, real_data_root, run_cli, train_tiny
 from tlunet.scoring import native_masks, to_native
 
 
@@ -107,6 +107,19 @@ def test_native_scoring_matches_predict_on_phantoms(
 
 
 @pytest.mark.slow
+def test_native_scoring_matches_predict_in_bf16(
+    tiny_bf16_run: Path, synthetic_root_128: Path, tmp_path: Path
+) -> None:
+    """A run tested in bf16 autocast (trainer=cpu on a CPU with bf16 instructions): evaluate
+    and predict run its checkpoint in bf16 too, so predict writes exactly the masks evaluate
+    scores, and evaluate reproduces the run's test."""
+    metrics = check_native_scoring(tiny_bf16_run, synthetic_root_128, tmp_path)
+    run_metrics = json.loads((tiny_bf16_run / "metrics.json").read_text())
+    for key in ("test/dice", "test/dice_per_patient", "test/loss", "test/dice_keras_batch"):
+        assert metrics[key] == pytest.approx(run_metrics[key], abs=1e-6), key
+
+
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_native_scoring_matches_predict_on_the_real_sample(tmp_path: Path) -> None:
     root = real_data_root()
@@ -164,3 +177,51 @@ def test_evaluate_refuses_patients_the_model_has_seen(tiny_run: Path, tmp_path: 
     out = _evaluate(ckpt, tmp_path / "test", tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "test" / "metrics.json").read_text())["seen_patients"] == 0
+
+
+@pytest.mark.slow
+def test_evaluate_finds_training_patients_under_other_names(
+    tiny_run: Path, synthetic_root_128: Path, tmp_path: Path
+) -> None:
+    """The training patients copied under new names (folders and files renamed) are still
+    seen: the checkpoint records a fingerprint of each patient's images."""
+    train = json.loads((tiny_run / "run.json").read_text())["patients"]["train"]
+    root = tmp_path / "renamed"
+    names = {f"COPY{k}_20240101": patient for k, patient in enumerate(train)}
+    for name, patient in names.items():
+        copy_patient_renamed(synthetic_root_128, patient, root, name)
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    n = len(names)
+    out = _evaluate(ckpt, tmp_path / "refused", tmp_path, f"data.root={root}", "stage=all")
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("tlunet error")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr
+    assert errors[0].startswith(
+        f"tlunet error: {n} of the {n} patients of stage=all were used to train ({n}) or "
+        f"validate (0) this model ({n} of them under another name"
+    )
+    assert not (tmp_path / "refused" / "metrics.json").exists()
+    allowed = tmp_path / "allowed"
+    out = _evaluate(
+        ckpt, allowed, tmp_path, f"data.root={root}", "stage=all", "eval.allow_seen_patients=true"
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((allowed / "metrics.json").read_text())["seen_patients"] == n
+    seen = json.loads((allowed / "evaluation.json").read_text())["seen_patients"]
+    assert seen["compared"] == "names and content" and seen["count"] == n
+    assert seen["patients"] == [
+        {"patient": name, "recorded_as": patient, "stage": "train", "matched_by": "content"}
+        for name, patient in sorted(names.items())
+    ]
+    # A checkpoint without fingerprints (an older tlunet's): names only, and the log says so.
+    checkpoint = torch.load(ckpt, weights_only=True)
+    del checkpoint["tlunet"]["patient_fingerprints"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    out = _evaluate(old, tmp_path / "old", tmp_path, f"data.root={root}", "stage=all")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "compared with its training and validation patients by folder name only" in (
+        out.stdout + out.stderr
+    )
+    seen = json.loads((tmp_path / "old" / "evaluation.json").read_text())["seen_patients"]
+    assert seen["compared"] == "names only" and seen["count"] == 0

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from tlunet.data.cache import ON_ERRORS, DecodedSlices, decode_slices
 from tlunet.data.dataset import SeededShuffleSampler, SliceDataset
+from tlunet.data.fingerprint import patient_fingerprint, patient_rows
 from tlunet.data.index import SliceRecord, scan_kaggle3m, stray_entries
 from tlunet.data.splits import (
     PAPER_SPLIT_SIZES,
@@ -149,6 +150,7 @@ class LGGDataModule(pl.LightningDataModule):
         self.skipped: list[dict[str, str]] = []
         self.patients: list[str] = []
         self.decoded: DecodedSlices | None = None
+        self._fingerprints: dict[str, str] = {}  # patient -> fingerprint, filled on demand
         self.stage_rows: dict[str, np.ndarray] = {}
         self.datasets: dict[str, SliceDataset] = {}
         self.mean: list[float] = list(IMAGENET_MEAN)
@@ -291,6 +293,17 @@ class LGGDataModule(pl.LightningDataModule):
     def stage_patients(self, stage: str) -> list[str]:
         """Sorted names of the patients with at least one slice in ``stage``."""
         return sorted({self.records[i].patient for i in self.stage_rows[stage]})
+
+    def patient_fingerprints(self, names: Sequence[str]) -> dict[str, str]:
+        """Patient name -> content fingerprint (:mod:`tlunet.data.fingerprint`: its image
+        slices in slice order) for each of ``names`` (after :meth:`setup`). Each patient is
+        hashed once per DataModule: every later call (each checkpoint save) reuses it."""
+        missing = [name for name in names if name not in self._fingerprints]
+        if missing:
+            rows = patient_rows(self.records)
+            for name in missing:
+                self._fingerprints[name] = patient_fingerprint(self.decoded.images, rows[name])
+        return {name: self._fingerprints[name] for name in names}
 
     def dataloader(self, stage: str, shuffle: bool = False) -> DataLoader:
         """The DataLoader over ``stage`` (train, val or test)."""
