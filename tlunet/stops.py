@@ -24,7 +24,6 @@ gave, status 0:
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import signal
 import threading
@@ -35,7 +34,6 @@ from typing import Any, TypeVar
 
 from tlunet.errors import TlunetError
 
-log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: The signals that stop a command with one line.
@@ -69,6 +67,9 @@ class Stopped(BaseException):  # noqa: N818  (named for what happened, like Keyb
             or f"stopped by {signal_name(signum)} before it ended: run the command again for "
             "its results"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled with its signal (a submitit result)
+        return (Stopped, (self.signum, str(self)))
 
 
 def received() -> int | None:
