@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
+from tlunet import stops
 from tlunet.errors import JobFailed, TlunetError
 from tlunet.utils import DISK_FULL_ERRNOS, write_error
 
@@ -92,34 +93,53 @@ def quiet_third_party() -> None:
 
 def user_errors_exit(fn: F) -> F:
     """Turn a :class:`TlunetError` (or a config interpolation error) into one clear message on
-    stderr and exit status 1, instead of a traceback. The command's output is kept free of
-    third-party noise (:func:`quiet_third_party`)."""
+    stderr and exit status 1, instead of a traceback; so too running out of memory. SIGTERM
+    and Ctrl-C end the command with one line and exit status 128 + the signal's number
+    (:mod:`tlunet.stops`). The command's output is kept free of third-party noise
+    (:func:`quiet_third_party`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         quiet_third_party()
         try:
-            return fn(*args, **kwargs)
+            with stops.handled():  # SIGTERM, Ctrl-C: one line, exit 128 + the signal
+                return fn(*args, **kwargs)
+        except (stops.Stopped, SystemExit, KeyboardInterrupt) as raised:
+            stop = stops.as_stop(raised)
+            if stop is None:
+                raise
+            _report(f"tlunet error: {stop}", stop.exit_code)
         except Exception as raised:
             exc = _user_error(raised)
             from tlunet.sweeps import in_multirun
 
+            memory = stops.out_of_memory(raised) if exc is None else None
+            if memory is not None:  # training names its sizes itself (stops.reports_stops)
+                _report(f"tlunet error: {stops.command_memory_message(*memory, args)}", 1)
             if exc is None:
                 if in_multirun():  # the traceback goes to the job's log; the sweep goes on
                     log.exception("The job failed")
                 raise
             kind = "configuration error" if isinstance(exc, OmegaConfBaseException) else "error"
-            message = f"tlunet {kind}: {exc}"
-            record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
-            for handler in logging.getLogger().handlers:
-                if isinstance(handler, logging.FileHandler):  # the run's log file keeps it too
-                    handler.handle(record)
-            print(message, file=sys.stderr)
-            if in_multirun():  # one job of a sweep: Hydra records it, the other jobs run
-                raise JobFailed(message) from None
-            sys.exit(1)
+            _report(f"tlunet {kind}: {exc}", 1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _report(message: str, status: int) -> None:
+    """Print ``message`` (also into the run's log file) and exit with ``status``; in a job of a
+    sweep, raise :class:`JobFailed` instead: Hydra records it, and the sweep goes on (or, when
+    the process was told to stop, :func:`tlunet.stops.stop_sweep` ends it)."""
+    from tlunet.sweeps import in_multirun
+
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):  # the run's log file keeps it too
+            handler.handle(record)
+    print(message, file=sys.stderr)
+    if in_multirun():
+        raise JobFailed(message) from None
+    sys.exit(status)
 
 
 def bench() -> None:

@@ -51,22 +51,29 @@ class AppendingCSVWriter(ExperimentWriter):
     header rewrites the file through a temporary file and a rename, and new rows are appended
     in one ``write``."""
 
+    _header: list[str] | None = None  # the columns of the file on disk
+
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = sorted(next(csv.reader(f), []))
+            self._header = list(self.metrics_keys)
 
     def save(self) -> None:
         if not self.metrics:
             return
         path = Path(self.metrics_file_path)
         exists = path.is_file()
-        if self._record_new_keys() or not exists:
+        self._record_new_keys()
+        # Against the file's own header, not whether this call saw new keys: a save stopped
+        # while rewriting the file (Ctrl-C, a full disk) leaves its header as it was.
+        if not exists or self.metrics_keys != self._header:
             rows: list[dict[str, Any]] = []
             if exists:
                 with open(path, newline="") as f:
                     rows = list(csv.DictReader(f))
             write_text_atomic(path, csv_rows(self.metrics_keys, rows + self.metrics, header=True))
+            self._header = list(self.metrics_keys)
         else:
             data = csv_rows(self.metrics_keys, self.metrics, header=False).encode()
             fd = os.open(path, os.O_WRONLY | os.O_APPEND)

@@ -23,6 +23,8 @@ from tlunet.errors import ConfigError
 from tlunet.metrics import PER_PATIENT_KEYS
 from tlunet.models import count_parameters
 from tlunet.scoring import scoring_info
+from tlunet.stops import check as check_stop
+from tlunet.stops import reports_stops
 from tlunet.targets import check_targets
 from tlunet.tracking import log_config, log_results
 from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
@@ -143,6 +145,7 @@ def check_monitor(cfg: DictConfig) -> None:
         )
 
 
+@reports_stops  # SIGTERM, Ctrl-C, out of memory: one line naming what is intact
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the model of ``cfg``, test its best checkpoint, write the run's files.
 
@@ -189,6 +192,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log_config(trainer.loggers, OmegaConf.to_container(cfg, resolve=True))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    check_stop()  # a SIGTERM Lightning noted after its last check: no test
     # Over every resume: a resumed run adds the time its checkpoint had already spent.
     train_time = module.train_time_s()
 

@@ -12,7 +12,12 @@
 - ``hydra_plugins.tlunet_sweeps.LocalLauncher`` and ``SlurmLauncher`` are
   hydra-submitit-launcher's, except that a job whose process died (killed, out of memory, past
   its time limit) is reported as failed instead of raising out of the launcher, which left the
-  other jobs unaccounted for (:func:`submitit_launch`).
+  other jobs unaccounted for (:func:`submitit_launch`); and that a job submitit requeues
+  (preempted, or at its time limit: ``hydra.launcher.max_num_timeout``) continues its run with
+  ``resume=`` instead of starting it again (:func:`requeue_submission`).
+- SIGTERM or Ctrl-C stops a sweep that runs its jobs in this process (:mod:`tlunet.stops`): the
+  job running is recorded as failed with its one line (what is intact, ``resume=<run>``), no
+  other job starts, every job is listed, and the sweep exits with 128 + the signal's number.
 
 Hydra finds sweepers and launchers only in the ``hydra_plugins`` namespace package, hence the
 thin classes there; the logic is here.
@@ -34,6 +39,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from tlunet.errors import TlunetError
+from tlunet.stops import Stopped, signal_name, stop_sweep
 from tlunet.utils import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -97,6 +103,7 @@ class JobStatusCallback(Callback):
             self._write(config, status="completed")
         else:
             self._write(config, status="failed", error=one_line(job_return._return_value))
+        stop_sweep()  # told to stop (SIGTERM, Ctrl-C): no other job of this process starts
 
 
 def read_job_status(job_dir: Path) -> dict[str, Any]:
@@ -120,19 +127,24 @@ def read_statuses(sweep_dir: Path) -> dict[int, dict[str, Any]]:
     return found
 
 
-def report_failures(sweep_dir: Path, jobs: Sequence[tuple[int, Sequence[str], Any]]) -> None:
+def report_failures(
+    sweep_dir: Path, jobs: Sequence[tuple[int, Sequence[str], Any]], stopped: Stopped | None = None
+) -> None:
     """After a sweep: exit with status 1 after listing every job that did not complete (one
-    line each, on stderr and in ``<sweep dir>/failed_jobs.txt``), else say that all did."""
+    line each, on stderr and in ``<sweep dir>/failed_jobs.txt``), else say that all did. A
+    sweep ``stopped`` by a signal exits with its status (128 + the signal's number) instead."""
     import sys
 
-    failed = account(sweep_dir, jobs)
+    by = signal_name(stopped.signum) if stopped is not None else None
+    failed = account(sweep_dir, jobs, by)
     if not failed:
         (sweep_dir / "failed_jobs.txt").unlink(missing_ok=True)  # an earlier sweep's
         print(f"All {len(jobs)} jobs of the sweep in '{sweep_dir}' completed.")
         return
+    why = f" (the sweep was stopped by {by})" if by else ""
     report = (
         f"tlunet error: {len(failed)} of {len(jobs)} jobs of the sweep in '{sweep_dir}' "
-        "did not complete:\n" + "\n".join(f"  {line}" for line in failed)
+        f"did not complete{why}:\n" + "\n".join(f"  {line}" for line in failed)
     )
     try:
         write_text_atomic(sweep_dir / "failed_jobs.txt", report + "\n")
@@ -140,18 +152,21 @@ def report_failures(sweep_dir: Path, jobs: Sequence[tuple[int, Sequence[str], An
         pass
     sys.stdout.flush()
     print(report, file=sys.stderr)
-    sys.exit(1)
+    sys.exit(stopped.exit_code if stopped is not None else 1)
 
 
 def account(
-    sweep_dir: Path, jobs: Sequence[tuple[int, Sequence[str], JobReturn | None]]
+    sweep_dir: Path,
+    jobs: Sequence[tuple[int, Sequence[str], JobReturn | None]],
+    stopped_by: str | None = None,
 ) -> list[str]:
     """One line for each job of ``jobs`` (number, overrides, what the launcher returned) that did
     not complete: failed (with its reason), killed (started, never ended) or never started.
 
     What the launcher returned decides; a job's ``job_status.json`` (only when it belongs to this
     job: same number and overrides, not a folder left by an earlier sweep) gives its folder and
-    tells a job killed after it started from one that never started."""
+    tells a job killed after it started from one that never started. ``stopped_by``: the signal
+    that stopped the sweep (its jobs had not ended, or not started, when it came)."""
     statuses = read_statuses(sweep_dir)
     # A job is named by what sets it apart: the overrides not shared by every job of the sweep.
     shared = set.intersection(*(set(filter_overrides(o)) for _, o, _ in jobs)) if jobs else set()
@@ -175,9 +190,13 @@ def account(
         elif status.get("status") == "running":
             cause = f" ({one_line(returned._return_value)})" if died else ""
             reason = f"started but never ended: killed, or its process died{cause}"
+            if stopped_by and not died:
+                reason = f"had not ended when the sweep was stopped by {stopped_by}"
         else:
             cause = f" ({one_line(returned._return_value)})" if died else ""
             reason = f"never started{cause}"
+            if stopped_by and not died:
+                reason = f"never started: the sweep was stopped by {stopped_by}"
         lines.append(f"{label}: {reason}{where}")
     return lines
 
@@ -237,3 +256,67 @@ def submitit_launch(
         )
     jobs = executor.map_array(launcher, *zip(*job_params, strict=True))
     return [_settled(j, o) for j, o in zip(jobs, job_overrides, strict=True)]
+
+
+#: The overrides a requeued job keeps: where and how it runs (``resume=`` refuses any other).
+_KEPT_ON_RESUME = ("hydra.", "+hydra.", "cluster=", "+cluster=", "hydra/launcher=")
+
+
+def _override_value(value: str) -> str:
+    """``value`` as a Hydra override value: quoted unless it is a plain path or name."""
+    import re
+
+    if re.fullmatch(r"[\w/.+:@%-]+", value):
+        return value
+    return "'" + value.replace("'", "\\'") + "'"  # Hydra: backslashes are literal
+
+
+def requeue_overrides(overrides: Sequence[str], run_dir: Path) -> list[str] | None:
+    """The overrides of a requeued job whose run is in ``run_dir``: ``resume=<run>`` and
+    ``hydra.sweep.subdir=<its folder>`` (the job writes into the same folder) with only the
+    overrides of where and how it runs; the same ``overrides`` when the run has no
+    ``last.ckpt`` yet (it starts again); ``None`` when it is complete (nothing to requeue)."""
+    if (run_dir / "metrics.json").is_file():
+        return None
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return list(overrides)
+    kept = [
+        o
+        for o in overrides
+        if o.startswith(_KEPT_ON_RESUME) and not o.lstrip("+").startswith("hydra.sweep.subdir=")
+    ]
+    return [
+        *kept,
+        f"resume={_override_value(str(run_dir))}",
+        f"hydra.sweep.subdir={_override_value(run_dir.name)}",
+    ]
+
+
+def requeue_submission(
+    launcher: Any,
+    sweep_overrides: Sequence[str],
+    job_dir_key: str,
+    job_num: int,
+    job_id: str,
+    singleton_state: Any,
+) -> Any:
+    """The submission submitit requeues when a job is preempted or reaches its time limit
+    (its ``checkpoint`` protocol, called in the job's process on the requeue signal, USR2):
+    the launcher's call with :func:`requeue_overrides`, so the job continues its run from
+    ``last.ckpt``. hydra-submitit-launcher's own requeues the same call, which starts the run
+    again. ``None`` (no requeue) when the run is complete."""
+    from submitit.helpers import DelayedSubmission
+
+    overrides: list[str] | None = list(sweep_overrides)
+    run_dir = None
+    if HydraConfig.initialized():  # the job's config while it runs (run_job sets it)
+        hydra_cfg = HydraConfig.get()
+        if str(hydra_cfg.job.get("num")) == str(job_num):
+            run_dir = Path(str(hydra_cfg.runtime.output_dir))
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        overrides = requeue_overrides(sweep_overrides, run_dir)
+    if overrides is None:
+        log.warning("Job #%d is complete: not requeued", job_num)
+        return None
+    log.warning("Job #%d requeued with: %s", job_num, " ".join(overrides))
+    return DelayedSubmission(launcher, overrides, job_dir_key, job_num, job_id, singleton_state)

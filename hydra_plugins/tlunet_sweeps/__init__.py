@@ -19,9 +19,12 @@ log = logging.getLogger(__name__)
 class AccountingSweeper(BasicSweeper):
     """Hydra's basic sweeper, except that a failed job neither stops the sweep nor hides the
     others: every job runs, then the failed ones are listed (one line each, on stderr and in
-    ``<sweep dir>/failed_jobs.txt``) and the process exits with status 1."""
+    ``<sweep dir>/failed_jobs.txt``) and the process exits with status 1. SIGTERM or Ctrl-C
+    stops the sweep (no other job starts: :mod:`tlunet.stops`); every job is listed all the
+    same, and the process exits with 128 + the signal's number."""
 
     def sweep(self, arguments: list[str]) -> Any:
+        from tlunet.stops import Stopped, handled
         from tlunet.sweeps import one_line, report_failures
 
         assert self.config is not None
@@ -40,21 +43,25 @@ class AccountingSweeper(BasicSweeper):
         returns: list[Sequence[JobReturn]] = []
         jobs: list[tuple[int, Sequence[str], JobReturn | None]] = []
         initial_job_idx = 0
-        while not self.is_done():
-            batch = self.get_job_batch()
-            self.validate_batch_is_legal(batch)
-            results: Sequence[JobReturn | None]
-            try:
-                results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
-            except Exception as exc:  # a launcher that gave up on the whole batch
-                log.error("The launcher stopped: %s", one_line(exc))
-                results = [None] * len(batch)
-            for i, overrides in enumerate(batch):
-                jobs.append((initial_job_idx + i, overrides, results[i]))
-            initial_job_idx += len(batch)
-            returns.append([r for r in results if r is not None])
+        stopped: Stopped | None = None
+        with handled(sweep=True):
+            while not self.is_done():
+                batch = self.get_job_batch()
+                self.validate_batch_is_legal(batch)
+                results: Sequence[JobReturn | None] = [None] * len(batch)
+                try:
+                    if stopped is None:  # once stopped, the other batches are only listed
+                        results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
+                except Stopped as exc:  # the job statuses tell what ended, and how
+                    stopped = exc
+                except Exception as exc:  # a launcher that gave up on the whole batch
+                    log.error("The launcher stopped: %s", one_line(exc))
+                for i, overrides in enumerate(batch):
+                    jobs.append((initial_job_idx + i, overrides, results[i]))
+                initial_job_idx += len(batch)
+                returns.append([r for r in results if r is not None])
 
-        report_failures(sweep_dir, jobs)
+        report_failures(sweep_dir, jobs, stopped)
         return returns
 
 
@@ -75,6 +82,12 @@ if _upstream is not None:
 
             return submitit_launch(self, job_overrides, initial_job_idx)
 
+        def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+            """Requeued (preempted, time limit): the job continues its run with resume=."""
+            from tlunet.sweeps import requeue_submission
+
+            return requeue_submission(self, *args, **kwargs)
+
     class SlurmLauncher(_upstream.SlurmLauncher):
         """``cluster=slurm``: hydra-submitit-launcher's, every job accounted for."""
 
@@ -84,3 +97,9 @@ if _upstream is not None:
             from tlunet.sweeps import submitit_launch
 
             return submitit_launch(self, job_overrides, initial_job_idx)
+
+        def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+            """Requeued (preempted, time limit): the job continues its run with resume=."""
+            from tlunet.sweeps import requeue_submission
+
+            return requeue_submission(self, *args, **kwargs)
