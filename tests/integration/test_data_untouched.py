@@ -118,7 +118,13 @@ def test_no_command_writes_into_a_real_or_a_phantom_folder(
     ckpt = run_dir / "checkpoints" / "last.ckpt"
 
     out = run_cli(
-        ["tlunet.train", "experiment=demo", f"data.root={real}", f"hydra.run.dir={tmp_path}/x"],
+        [
+            "tlunet.train",
+            "experiment=demo",
+            *TINY_RUN,  # were it not refused: one tiny epoch
+            f"data.root={real}",
+            f"hydra.run.dir={tmp_path}/x",
+        ],
         cwd=tmp_path,
     )
     errors = [line for line in out.stderr.splitlines() if "tlunet error" in line]
