@@ -190,13 +190,16 @@ class LGGDataModule(pl.LightningDataModule):
             return
         if not self.root:
             raise ConfigError("data.root must name a folder to write the synthetic set to.")
-        root = check_folder(
-            self.root, "data.root", "Remove it, or set TLUNET_CACHE_DIR to a folder."
-        )
+        root = Path(str(self.root)).expanduser()
         cache = self.synthetic_cache
         if cache is not None and root.resolve().is_relative_to(
             Path(str(cache)).expanduser().resolve()
         ):
+            check_folder(
+                root,
+                "data.root",
+                "Remove it, or set TLUNET_CACHE_DIR (tlunet's cache) to a folder.",
+            )
             try:
                 write_synthetic_dataset(root, **self.synthetic)
             except ValueError as exc:  # impossible phantom settings
