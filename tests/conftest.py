@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -46,6 +47,27 @@ def synthetic_root_128(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """Everything under ``root``, hidden entries included: per relative path its kind, mode and
+    modification time, plus a file's size and sha256 or a link's target. Equal snapshots: the
+    tree was not written to."""
+    found: dict[str, tuple] = {}
+    paths = [root]
+    for folder, dirs, files in os.walk(root):  # does not follow links
+        paths += [Path(folder, name) for name in dirs + files]
+    for path in sorted(paths):
+        st = path.lstat()
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            found[rel] = ("link", os.readlink(path))
+        elif path.is_dir():
+            found[rel] = ("dir", st.st_mode)
+        else:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            found[rel] = ("file", st.st_mode, st.st_size, st.st_mtime_ns, digest)
+    return found
 
 
 def compose_config(

@@ -20,7 +20,9 @@ come from the checkpoint; split settings too, unless ``data.*`` values on the co
 replace them; the model runs in the precision its run computed in unless ``precision=`` says
 otherwise (:mod:`tlunet.precision`). Patients the model was trained or validated on, found by
 folder name or, renamed, by their images (:mod:`tlunet.data.fingerprint`), are refused unless
-``eval.allow_seen_patients=true``.
+``eval.allow_seen_patients=true``. A checkpoint trained on phantoms (``data=synthetic``) is
+evaluated on its phantoms in this machine's cache; with ``data.root=`` on that folder, read as
+real data (a warning says so): nothing is ever written into a data folder.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pytorch_lightning.callbacks import RichProgressBar
 
 from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
 from tlunet.cli import user_errors_exit
+from tlunet.data.synthetic import phantom_folder_name
 from tlunet.errors import ConfigError
 from tlunet.lightning_compat import extra_callback
 from tlunet.metrics import SegmentationMetrics
@@ -384,6 +387,30 @@ def seen_patients(
     }
 
 
+def synthetic_data(data: DictConfig, root_given: bool, cache_dir: str) -> None:
+    """The data node of a checkpoint trained on ``data=synthetic``, set for this evaluation.
+
+    ``data.root=`` given on the command line: that folder is evaluated as it is on disk, as
+    real data (the phantom settings are dropped: nothing is written there), and a warning says
+    so. Otherwise the checkpoint's phantoms are read from, or regenerated into, this machine's
+    cache (``<paths.cache_dir>/synthetic``, as ``data=synthetic`` keeps them). Other data
+    nodes are left as they are."""
+    if data.get("synthetic") is None:
+        return
+    if root_given:
+        data.synthetic = None
+        log.warning(
+            "The checkpoint was trained on synthetic phantoms (data=synthetic); data.root=%s is "
+            "evaluated as real data, as it is on disk (no phantom is written there).",
+            data.root,
+        )
+        return
+    home = Path(str(cache_dir)).expanduser() / "synthetic"
+    data.synthetic_cache = str(home)
+    data.root = str(home / phantom_folder_name(data.synthetic))
+    log.info("The checkpoint's synthetic phantoms: %s", data.root)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.stage``; write the files; return the metrics."""
     if not cfg.ckpt_path:
@@ -418,6 +445,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for key, value in cfg.data.items():
         if value is not None:
             run_cfg.data[key] = value
+    synthetic_data(run_cfg.data, cfg.data.root is not None, cfg.paths.cache_dir)
     if cfg.data.fold is not None and not run_cfg.data.get("num_folds"):
         raise ConfigError(
             "data.fold needs data.num_folds (the checkpoint was not trained with folds)."

@@ -132,7 +132,8 @@ def load_volume(path: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]
     """The image and its voxels as a 3-D float32 array (a 4-D file of one volume is squeezed).
 
     Raises :class:`DataError` naming the file when it cannot be read (missing, corrupt,
-    truncated), is 2-D, holds more than one volume, or has a singular affine.
+    truncated), is 2-D, holds more than one volume, or has an affine that is not finite (NaN,
+    infinity) or singular, or voxel sizes that are not finite.
     """
     try:
         image = nib.load(path)
@@ -151,6 +152,17 @@ def load_volume(path: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]
                 "3-D volume (e.g. extract it with nibabel or fslroi)."
             )
         data = data.reshape(data.shape[:3])
+    if not np.isfinite(image.affine).all():
+        raise DataError(
+            f"NIfTI file '{path}' has an affine with non-finite values (NaN or infinity): "
+            "where its voxels lie is unknown; fix its header (qform/sform)."
+        )
+    zooms = np.asarray(image.header.get_zooms()[:3], dtype=np.float64)
+    if not np.isfinite(zooms).all():
+        raise DataError(
+            f"NIfTI file '{path}' has non-finite voxel sizes {zooms.tolist()} (pixdim): "
+            "volumes in mL would be NaN; fix its header."
+        )
     if abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
         raise DataError(f"NIfTI file '{path}' has a singular affine; fix its header.")
     return image, data

@@ -124,6 +124,7 @@ def config_hash(cfg: DictConfig) -> str:
     data.pop("num_workers", None)
     data.pop("fold", None)  # the folds of one cross-validation are one configuration
     data.pop("cache_dir", None)
+    data.pop("synthetic_cache", None)  # where this machine keeps phantoms, like cache_dir
     data.pop("seed", None)  # the run's seed: left out above
     container["data"] = data
     trainer = dict(container.get("trainer", {}))

@@ -148,6 +148,25 @@ def patient_folder_without_slices(root: Path) -> str:
     return rf"Patient folder '{_q(folder)}' holds no slice TIFF, only 1 other entry such as"
 
 
+def broken_symlink_slice(root: Path) -> str:
+    # issue 21, item 11: a slice that is a dangling link (a copy made with links, then moved)
+    image = _image(root, 3)
+    image.unlink()
+    image.symlink_to(root.parent / "moved" / image.name)
+    return rf"Slice file '{_q(image)}' is a broken symbolic link \(to '.*moved.*', which does"
+
+
+def rgb_mask_label_in_one_channel(root: Path) -> str:
+    # issue 21, item 9: read as channel 0, this mask was empty
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[10:20, 10:20, 1] = 255
+    tifffile.imwrite(_mask(root, 2), mask, photometric="rgb")
+    return (
+        rf"Mask '{_q(_mask(root, 2))}' has 3 channels that differ \(non-zero pixels per "
+        r"channel: 0, 100, 0\)"
+    )
+
+
 DATA_CASES: dict[str, Callable[[Path], str]] = {
     f.__name__: f
     for f in (
@@ -168,6 +187,8 @@ DATA_CASES: dict[str, Callable[[Path], str]] = {
         patient_folders_of_other_files,
         empty_patient_folder,
         patient_folder_without_slices,
+        broken_symlink_slice,
+        rgb_mask_label_in_one_channel,
     )
 }
 
@@ -250,7 +271,9 @@ def _assert_clean_failure(out, run_dir: Path, expected: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["missing_mask", "truncated_tiff", "mask_values_128"])
+@pytest.mark.parametrize(
+    "case", ["missing_mask", "truncated_tiff", "mask_values_128", "broken_symlink_slice"]
+)
 def test_train_stops_before_training_on_bad_data(case: str, data_copy: Path, tmp_path: Path):
     expected = DATA_CASES[case](data_copy)
     run_dir = tmp_path / "run"
@@ -302,6 +325,8 @@ def _break_two(root: Path) -> set[str]:
 @pytest.mark.slow
 def test_skip_trains_and_lists_the_skipped_files(data_copy: Path, tmp_path: Path) -> None:
     broken = _break_two(data_copy)
+    broken_symlink_slice(data_copy)  # slice 3: a dangling link
+    broken.add(str(_image(data_copy, 3)))
     run_dir = tmp_path / "run"
     out = run_cli(
         [
@@ -318,8 +343,10 @@ def test_skip_trains_and_lists_the_skipped_files(data_copy: Path, tmp_path: Path
     with (run_dir / "skipped_files.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert {r["path"] for r in rows} == broken
-    assert all(r["reason"].startswith(("Cannot read image", "Cannot read mask")) for r in rows)
-    assert "Skipped 2 unusable slices" in (run_dir / "train.log").read_text()
+    starts = ("Cannot read image", "Cannot read mask", "Slice file")
+    assert all(r["reason"].startswith(starts) for r in rows)
+    assert "Skipped 3 unusable slices" in (run_dir / "train.log").read_text()
+    assert "ignored" not in out.stdout + out.stderr  # the link is a problem, not a stray file
 
 
 def test_skip_cache_is_reused_and_still_reports(
@@ -382,6 +409,46 @@ def test_stray_files_are_warned_about_one_line_each(
     assert len(warned) == len(strays)
     for f in strays:
         assert sum(f"'{f}'" in w for w in warned) == 1, (f, warned)
+
+
+def test_skip_drops_and_the_check_lists_a_broken_link_and_a_multichannel_mask(
+    data_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 21, items 9 and 11: with data.on_error=skip both slices are skipped and listed;
+    the check names both as problems, and warns of nothing (the link is no stray file)."""
+    expected = [broken_symlink_slice(data_copy), rgb_mask_label_in_one_channel(data_copy)]
+    paths = {str(_image(data_copy, 3)), str(_mask(data_copy, 2))}
+    with caplog.at_level("WARNING", logger="tlunet.data.datamodule"):
+        dm = _datamodule(data_copy, cache_dir=str(tmp_path / "cache"), on_error="skip")
+        dm.setup("fit")
+    assert {p["path"] for p in dm.skipped} == paths
+    assert {r.slice for r in dm.records if r.patient == PATIENT}.isdisjoint({2, 3})
+    assert "ignored" not in caplog.text
+    for mode in ("raise", "skip"):
+        report = check_dataset(_datamodule(data_copy, on_error=mode))
+        assert {p["path"] for p in report.problems} == paths and report.warnings == []
+        printed = "\n".join(report.lines())
+        assert all(re.search(pattern, printed) for pattern in expected), printed
+        assert "ignored" not in printed and report.ok == (mode == "skip")
+
+
+@pytest.mark.slow
+def test_a_cache_folder_that_is_a_file_is_one_line(synthetic_root: Path, tmp_path: Path) -> None:
+    """Issue 21, item 11: TLUNET_CACHE_DIR naming a file."""
+    blocker = tmp_path / "cache_file"
+    blocker.write_text("not a folder")
+    run_dir = tmp_path / "run"
+    out = run_cli(
+        ["tlunet.train", *TINY_RUN, f"data.root={synthetic_root}", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={"TLUNET_CACHE_DIR": str(blocker)},
+    )
+    expected = (
+        rf"(?m)^tlunet error: The decoded-slice cache folder \(data\.cache_dir\) "
+        rf"'{_q(blocker / 'slices')}' cannot be created: '{_q(blocker)}' is a file"
+    )
+    _assert_clean_failure(out, run_dir, expected)
+    assert blocker.read_text() == "not a folder"
 
 
 def test_skip_still_raises_when_nothing_is_left(data_copy: Path) -> None:

@@ -111,6 +111,16 @@ def _corrupt(folder: Path) -> str:
     return f"Cannot read NIfTI file '{path}'"
 
 
+def _nan_affine(folder: Path) -> str:
+    # issue 21, item 13: every volume of the case with a NaN in its affine (so they agree)
+    for path in sorted(folder.glob("*.nii.gz")):
+        image = nib.load(path)
+        affine = image.affine.copy()
+        affine[1, 3] = np.nan
+        write_volume(path, np.asarray(image.dataobj), affine)
+    return f"NIfTI file '{folder / 't1_pre.nii.gz'}' has an affine with non-finite values"
+
+
 def _two_flairs(folder: Path) -> str:
     shutil.copy(folder / "FLAIR.nii.gz", folder / "flair_old.nii.gz")
     return f"NIfTI folder '{folder}': 2 files match nifti.flair='*flair*.nii*'"
@@ -128,7 +138,17 @@ def _mixed(folder: Path) -> str:
 
 @pytest.mark.parametrize(
     "spoil",
-    [_mismatch_shape, _mismatch_affine, _flat, _series, _corrupt, _two_flairs, _no_post, _mixed],
+    [
+        _mismatch_shape,
+        _mismatch_affine,
+        _flat,
+        _series,
+        _corrupt,
+        _nan_affine,
+        _two_flairs,
+        _no_post,
+        _mixed,
+    ],
 )
 def test_nifti_input_problems_are_one_line_naming_the_file(case, tmp_path: Path, spoil) -> None:
     folder, _ = case

@@ -115,6 +115,25 @@ def test_load_volume_refuses_2d_4d_and_corrupt_files(tmp_path: Path) -> None:
         assert "\n" not in str(info.value)
 
 
+def test_load_volume_refuses_a_non_finite_affine_or_voxel_size(tmp_path: Path) -> None:
+    """Issue 21, item 13: a NaN in the affine passed every check (NaN compares false), and the
+    mask was written with it."""
+    voxels = np.ones((8, 8, 4), np.int16)
+    for value in (np.nan, np.inf):
+        affine = oblique_affine()
+        affine[0, 3] = value
+        path = write_volume(tmp_path / "nan.nii.gz", voxels, affine)
+        with pytest.raises(DataError) as info:
+            load_volume(path)
+        assert str(info.value).startswith(f"NIfTI file '{path}' has an affine with non-finite")
+        assert "\n" not in str(info.value)
+    image = nib.Nifti1Image(voxels, oblique_affine())
+    image.header["pixdim"][1] = np.nan  # the sform is fine, the voxel size is not
+    nib.save(image, tmp_path / "zooms.nii.gz")
+    with pytest.raises(DataError, match=r"'.*zooms\.nii\.gz' has non-finite voxel sizes \[nan"):
+        load_volume(tmp_path / "zooms.nii.gz")
+
+
 def test_read_case_checks_the_grid_and_slices_every_channel(tmp_path: Path) -> None:
     truth = write_phantom_case(tmp_path / "case", n_slices=6, size=32)
     case = read_case(tmp_path / "case", PATTERNS)

@@ -2,9 +2,14 @@
 
 ``images``: (N, H, W, 3) uint8, ``masks``: (N, H, W) uint8 with values {0, 1}.
 With a cache folder the arrays are written as ``.npy`` files under a key derived from every
-file's relative path, size and modification time, then memory-mapped: later epochs, later runs
-and every DataLoader worker share them without re-reading a TIFF. A changed, added or removed
-file changes the key, so a stale cache is never used. ``meta.json`` stores an xxh3-128 checksum
+file's relative path, size, modification time, status-change time (ctime) and inode number, then
+memory-mapped: later epochs, later runs and every DataLoader worker share them without
+re-reading a TIFF. A changed, added or removed file changes the key, so a stale cache is never
+used: a file replaced by one of the same name, size and modification time (``cp -p``,
+``rsync -a``, an unpacked archive) still has a new ctime (any write or replacement sets it, no
+program can set it back) or a new inode. Only stat calls: the warm start reads no TIFF; the
+price is a rebuild after a change of the files' metadata alone (``chmod``, ``chown``, a new
+hard link). ``meta.json`` stores an xxh3-128 checksum
 of each array's bytes, checked when a process opens the cache: a cache whose bytes were changed
 after it was built (bit rot, another tool writing into it) is logged with one warning and
 rebuilt from the files, never used. A cache verified within the hour whose files have not been
@@ -13,6 +18,12 @@ written since (their ctime) is not hashed again (docs/reliability.md: what the c
 ``on_error="skip"`` drops every slice whose image or mask cannot be used (unreadable, wrong
 shape, dtype or values, a size different from most slices) and lists it in
 ``DecodedSlices.skipped``; its cache has its own key and remembers the skipped files.
+
+A cache is built in a temporary folder ``<key>.tmp-<host>-<pid>-<hex>`` renamed into place when
+complete. A build that was killed leaves its temporary behind: the next decode into the same
+cache folder removes it when it names this host and a process that is gone (a live build is
+never touched); one of another host, or of an older tlunet (``<key>.tmp-<hex>``), is removed
+once nothing in it was written for :data:`STALE_AFTER_S`.
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from collections import Counter
@@ -40,7 +53,7 @@ from tlunet.utils import progress, write_error, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: checksums in meta.json
+CACHE_FORMAT = 3  # 2: checksums in meta.json; 3: the key covers ctime and inode
 #: The checksum of the cached arrays: xxh3-128 hashes 1 GiB in 0.044 s here, blake2b in 1.38 s
 #: (a 3929-slice cache is 1.03 GB; figures in docs/reliability.md).
 CHECKSUM = "xxh3_128"
@@ -87,7 +100,12 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """Read one mask as (H, W) uint8 in {0, 1} (from 0/255 or 0/1 on disk)."""
+    """Read one mask as (H, W) uint8 in {0, 1} (from 0/255 or 0/1 on disk), or raise
+    :class:`DataError` naming ``path``.
+
+    A mask saved with channels, (H, W, 1) or (H, W, 3) (RGB), is read when its channels are
+    equal (a grey mask saved as RGB); channels that differ (the label in one of them) are
+    refused, with each channel's count of non-zero pixels, rather than guessed."""
     try:
         arr = tifffile.imread(path)
     except Exception as exc:
@@ -95,6 +113,16 @@ def read_mask(path: Path) -> np.ndarray:
     if arr.size == 0:
         raise DataError(f"Cannot read mask '{path}': empty or corrupt TIFF.")
     if arr.ndim == 3 and arr.shape[-1] in (1, 3):
+        differ = any(not np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[-1]))
+        if differ:
+            counts = ", ".join(
+                str(int(np.count_nonzero(arr[..., c]))) for c in range(arr.shape[-1])
+            )
+            raise DataError(
+                f"Mask '{path}' has {arr.shape[-1]} channels that differ (non-zero pixels per "
+                f"channel: {counts}): which one holds the label cannot be told; save the mask "
+                "as one grey channel (0 and 255)."
+            )
         arr = arr[..., 0]
     if arr.ndim != 2:
         raise DataError(f"Mask '{path}' has shape {arr.shape}; expected (H, W).")
@@ -107,18 +135,27 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def cache_key(records: Sequence[SliceRecord], root: Path, on_error: str = "raise") -> str:
-    """Hash of every file's path relative to ``root``, size and mtime, and the cache format.
+    """Hash of every file's path relative to ``root``, size, mtime, ctime and inode number,
+    and the cache format: a file replaced or rewritten since, even with its name, size and
+    mtime kept, gives another key (see the module's docstring).
 
     A ``skip`` cache also hashes the mode and the resolved root: it stores the skipped files'
-    paths, which must stay those of this folder.
+    paths, which must stay those of this folder. A file that cannot be stat'ed (removed since
+    it was indexed) raises :class:`DataError` naming it.
     """
     h = hashlib.sha256(f"tlunet-cache-v{CACHE_FORMAT}".encode())
     if on_error != "raise":
         h.update(f"on_error={on_error}|{Path(root).resolve()}\n".encode())
     for r in records:
         for p in (r.image_path, r.mask_path):
-            st = p.stat()
-            h.update(f"{p.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            try:
+                st = p.stat()
+            except OSError as exc:
+                raise DataError(f"Cannot read '{p}': {exc.strerror or exc}.") from exc
+            h.update(
+                f"{p.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}|"
+                f"{st.st_ctime_ns}|{st.st_ino}\n".encode()
+            )
     return h.hexdigest()[:24]
 
 
@@ -232,10 +269,10 @@ def _build_cache(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Write (N, H, W, 3) images and (N, H, W) masks filled by ``fill`` into ``folder``
     (through a temporary folder and a rename, ``meta.json`` last); return them memory-mapped."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     intact = f"the input slices are intact and no part of the cache was left in '{folder.parent}'"
     try:
+        tmp.mkdir(parents=True, exist_ok=True)
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (*shape, 3))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, shape)
         for name in ("images.npy", "masks.npy"):
@@ -264,6 +301,112 @@ def _build_cache(
     return np.load(folder / "images.npy", mmap_mode="r"), np.load(
         folder / "masks.npy", mmap_mode="r"
     )
+
+
+def _host() -> str:
+    """This host as the temporaries of a cache build name it: the host name and, on Linux, the
+    process-id namespace (containers that share a host name, ``docker --network host``, do not
+    share pids), in the characters ``[A-Za-z0-9_.]``."""
+    name = socket.gethostname() or "host"
+    try:
+        name += "." + re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        pass
+    return re.sub(r"[^\w.]", "_", name)
+
+
+#: This host (:func:`_host`), as the temporaries of a cache build carry it.
+_HOST = _host()
+#: ``<key>.tmp-<host>-<pid>-<hex>`` (an older tlunet's names hold no host and pid).
+_TEMPORARY = re.compile(r"^[0-9a-f]{24}\.tmp-(?:(?P<host>.+)-(?P<pid>\d+)-)?[0-9a-f]{8}$")
+#: A folder moved aside to be removed (:func:`_discard`): never read again.
+_TRASH = re.compile(r"^[0-9a-f]{24}\.bad-[0-9a-f]{8}$")
+#: A temporary whose owner cannot be asked (another host's, or an older tlunet's) is removed
+#: once nothing in it was written for this long: a build writes its arrays continuously.
+STALE_AFTER_S = 24 * 3600
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (a reused pid reads as alive: kept)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError, OSError):
+        return False
+    return True
+
+
+def _last_write_s(folder: Path) -> float:
+    """The latest modification time of ``folder`` and of the files in it (seconds)."""
+    times = [folder.stat().st_mtime]
+    for entry in os.scandir(folder):
+        try:
+            times.append(entry.stat(follow_symlinks=False).st_mtime)
+        except OSError:
+            pass
+    return max(times)
+
+
+def remove_stale_temporaries(cache_dir: str | Path) -> list[Path]:
+    """Remove what killed builds left in ``cache_dir``; return the folders removed.
+
+    A temporary ``<key>.tmp-<host>-<pid>-<hex>`` of this host whose process is gone is removed;
+    one of a live process is left alone (it is being built). A temporary of another host, or of
+    an older tlunet (``<key>.tmp-<hex>``: no owner in its name), is removed once nothing in it was
+    written for :data:`STALE_AFTER_S`. Folders moved aside for removal (``<key>.bad-<hex>``)
+    are removed. Anything else in ``cache_dir`` is never touched."""
+    folder = Path(cache_dir).expanduser()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []  # no cache folder yet
+    removed = []
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            match = _TEMPORARY.match(entry.name)
+            if match is not None:
+                host, pid = match.group("host"), match.group("pid")
+                if host == _HOST:
+                    stale = not _process_alive(int(pid))
+                    why = f"its process {pid} is gone"
+                else:
+                    stale = time.time() - _last_write_s(path) > STALE_AFTER_S
+                    why = f"not written for over {STALE_AFTER_S // 3600} hours"
+            else:
+                stale, why = bool(_TRASH.match(entry.name)), "a cache set aside for removal"
+        except OSError:
+            continue  # removed meanwhile (its build finished or another process cleaned it)
+        if stale:
+            log.info("Removing %s, left by a cache build that did not finish (%s)", path, why)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def check_folder(path: str | Path, what: str, advice: str) -> Path:
+    """``path`` (``~`` expanded), or :class:`ConfigError` when it, or the nearest of its parents
+    that exists, is not a folder (a file, a broken link) so that nothing can be created in it:
+    one line naming ``what`` (the setting), the path and the culprit, then ``advice``."""
+    path = Path(path).expanduser()
+    for part in (path, *path.parents):
+        if part.is_dir():
+            return path
+        if part.exists() or part.is_symlink():
+            kind = "a file" if part.exists() else "a broken link"
+            if part == path:
+                raise ConfigError(f"{what} '{path}' is {kind}, not a folder. {advice}")
+            raise ConfigError(
+                f"{what} '{path}' cannot be created: '{part}' is {kind}, not a folder. {advice}"
+            )
+    return path
 
 
 def _discard(folder: Path, inode: int | None = None) -> None:
@@ -379,7 +522,9 @@ def decode_slices(
 
     ``on_error="raise"``: the first unusable slice raises :class:`DataError` naming its file.
     ``on_error="skip"``: unusable slices are dropped (``kept``/``skipped`` of the result);
-    :class:`DataError` only when none is left.
+    :class:`DataError` only when none is left. A ``cache_dir`` that is (or lies under) a file
+    raises :class:`ConfigError`; the temporaries killed builds left in it are removed first
+    (:func:`remove_stale_temporaries`).
     """
     if on_error not in ON_ERRORS:
         raise ConfigError(
@@ -388,6 +533,14 @@ def decode_slices(
     if not records:
         raise DataError(f"No slices to decode under '{root}'.")
     root = Path(root)
+    if cache_dir is not None:
+        cache_dir = check_folder(
+            cache_dir,
+            "The decoded-slice cache folder (data.cache_dir)",
+            "Remove it, or set data.cache_dir (or TLUNET_CACHE_DIR, for tlunet's whole cache) "
+            "to a folder; data.cache_dir=null decodes into memory.",
+        )
+        remove_stale_temporaries(cache_dir)
     if on_error == "skip":
         return _decode_skipping(records, root, cache_dir)
     first = read_image(records[0].image_path)

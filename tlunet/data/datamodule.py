@@ -14,7 +14,7 @@ import torch
 from pytorch_lightning.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
-from tlunet.data.cache import ON_ERRORS, DecodedSlices, decode_slices
+from tlunet.data.cache import ON_ERRORS, DecodedSlices, check_folder, decode_slices
 from tlunet.data.dataset import SeededShuffleSampler, SliceDataset
 from tlunet.data.fingerprint import patient_fingerprint, patient_rows
 from tlunet.data.index import SliceRecord, scan_kaggle3m, stray_entries
@@ -25,7 +25,7 @@ from tlunet.data.splits import (
     split_by_patient,
     split_by_slice,
 )
-from tlunet.data.synthetic import write_synthetic_dataset
+from tlunet.data.synthetic import holds_phantoms, write_synthetic_dataset
 from tlunet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, channel_stats
 from tlunet.errors import ConfigError, DataError
 from tlunet.lightning_compat import epochs_processed
@@ -72,8 +72,13 @@ class LGGDataModule(pl.LightningDataModule):
         seed: seed of the training order and augmentations (:class:`SeededShuffleSampler`).
         on_error: ``raise`` (stop at the first unusable file, naming it) or ``skip`` (drop each
             unusable slice, listed in ``skipped`` after :meth:`setup`).
-        synthetic: parameters of :func:`write_synthetic_dataset`; when given, phantoms are
-            written to ``root`` first (``data=synthetic``).
+        synthetic: parameters of :func:`write_synthetic_dataset`; when given, the phantoms
+            are written to ``root`` first (``data=synthetic``) when ``root`` lies in
+            ``synthetic_cache``. A ``root`` elsewhere is only read, and only when it holds the
+            complete phantom set of these parameters and nothing else; any other ``root`` is
+            refused (:class:`ConfigError`): phantoms never go into the user's folders.
+        synthetic_cache: the folder of tlunet's cache that ``data=synthetic`` keeps its
+            phantoms in (``${paths.cache_dir}/synthetic``); ``None``: nowhere may be written.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class LGGDataModule(pl.LightningDataModule):
         augment: Sequence[A.BasicTransform] | None = None,
         cache_dir: str | None = None,
         synthetic: Mapping[str, Any] | None = None,
+        synthetic_cache: str | None = None,
         on_error: str = "raise",
         seed: int = 0,
         encoder_name: str | None = None,
@@ -142,6 +148,7 @@ class LGGDataModule(pl.LightningDataModule):
         self.augment = list(augment or [])
         self.cache_dir = cache_dir
         self.synthetic = dict(synthetic) if synthetic else None
+        self.synthetic_cache = synthetic_cache
         self.on_error = on_error
         self.seed = seed
 
@@ -178,10 +185,37 @@ class LGGDataModule(pl.LightningDataModule):
 
     # -- Lightning hooks ---------------------------------------------------------------
     def prepare_data(self) -> None:
-        if self.synthetic is not None:
-            if not self.root:
-                raise ConfigError("data.root must name a folder to write the synthetic set to.")
-            write_synthetic_dataset(self.root, **self.synthetic)
+        """``data=synthetic``: write the phantoms into ``root`` when it lies in tlunet's cache
+        (``synthetic_cache``), read a complete phantom set elsewhere as it is, refuse any other
+        ``root`` naming it (see the class's ``synthetic``). Nothing to do for real data."""
+        if self.synthetic is None:
+            return
+        if not self.root:
+            raise ConfigError("data.root must name a folder to write the synthetic set to.")
+        root = Path(str(self.root)).expanduser()
+        cache = self.synthetic_cache
+        if cache is not None and root.resolve().is_relative_to(
+            Path(str(cache)).expanduser().resolve()
+        ):
+            check_folder(
+                root,
+                "data.root",
+                "Remove it, or set TLUNET_CACHE_DIR (tlunet's cache) to a folder.",
+            )
+            try:
+                write_synthetic_dataset(root, **self.synthetic)
+            except ValueError as exc:  # impossible phantom settings
+                raise ConfigError(f"data.synthetic: {exc}") from exc
+        elif holds_phantoms(root, **self.synthetic):
+            log.info("data=synthetic: reading the phantoms in %s as they are", root)
+        else:
+            where = f"tlunet's cache ('{cache}')" if cache is not None else "tlunet's cache"
+            raise ConfigError(
+                f"data=synthetic writes its phantoms only into {where}, and data.root '{root}' "
+                "lies outside it without holding exactly the phantoms of data.synthetic: "
+                f"nothing was written there. To train on the slices in '{root}', add "
+                "data.synthetic=null (or use data=lgg); for phantoms, leave data.root unset."
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

@@ -16,6 +16,7 @@ beside the folders, a sub-folder) is a warning (:func:`stray_entries`).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,9 @@ def unusable_folders(root: Path) -> list[dict[str, str]]:
 def stray_entries(root: str | Path) -> list[dict[str, str]]:
     """The files tlunet ignores under a kaggle_3m ``root``, one ``{"path", "reason"}`` each: in
     a patient folder anything but a ``.tif``/``.tiff`` file (a ``.png``, a sub-folder), beside
-    the patient folders any file but ``data.csv`` and ``README*``. Hidden entries are left out.
+    the patient folders any file but ``data.csv`` and ``README*``. Hidden entries are left out,
+    and so is a ``.tif`` name that is not a file (a broken link): :func:`scan_kaggle3m` makes
+    it a problem, not a warning.
     They are warnings: a run goes on without them, but the user hears of each one."""
     root = Path(root).expanduser()
     found = []
@@ -90,7 +93,7 @@ def stray_entries(root: str | Path) -> list[dict[str, str]]:
                 found.extend(
                     problem(f, f"'{f}' is not a slice or mask TIFF ({_LAYOUT}): ignored.")
                     for f in _visible(entry)
-                    if not _is_tif(f)
+                    if f.suffix.lower() not in _TIF_SUFFIXES  # a .tif that is no file: a problem
                 )
         elif not _ROOT_FILES.match(entry.name):
             found.append(
@@ -123,6 +126,16 @@ def problem(path: str | Path, reason: str) -> dict[str, str]:
     return {"path": str(path), "reason": reason}
 
 
+def _not_a_file(path: Path) -> str:
+    """Why a slice name that is no regular file cannot be read."""
+    if path.is_symlink() and not path.exists():
+        return (
+            f"Slice file '{path}' is a broken symbolic link (to '{os.readlink(path)}', which "
+            "does not exist)."
+        )
+    return f"Slice file '{path}' is not a file (a folder?)."
+
+
 def index_kaggle3m(root: str | Path) -> list[SliceRecord]:
     """Scan ``root`` and return its slices sorted by (patient, slice number).
 
@@ -142,8 +155,9 @@ def scan_kaggle3m(
     ``strict=True`` raises :class:`DataError` at the first problem (``problems`` is then always
     empty). ``strict=False`` drops each problematic slice and records one problem
     (``{"path", "reason"}``) per offending file: a file name without a numeric slice number
-    (the file is ignored), a slice number given twice (every file of that slice number is
-    dropped: which one is right cannot be told), an image without a mask or a mask without an
+    (the file is ignored), a slice name that is not a readable file (a broken symbolic link, a
+    folder: the slice is dropped), a slice number given twice (every file of that slice number
+    is dropped: which one is right cannot be told), an image without a mask or a mask without an
     image, a patient folder without slices (empty, or holding other files only: the folder is
     the problem's path). A missing root or a root without patient folders always raises.
     Files that are not TIFFs are not problems but warnings: :func:`stray_entries`.
@@ -177,11 +191,16 @@ def scan_kaggle3m(
     for pdir in patients:
         images: dict[int, Path] = {}
         masks: dict[int, Path] = {}
-        duplicated: set[int] = set()
+        dropped: set[int] = set()
         for f in sorted(pdir.iterdir()):
             if f.suffix.lower() not in _TIF_SUFFIXES or f.name.startswith("."):
                 continue
             m = _SLICE_RE.match(f.name)
+            if not f.is_file():
+                report(f, _not_a_file(f))
+                if m is not None:  # the slice goes whole: its other file is not listed
+                    dropped.add(int(m.group("num")))
+                continue
             if m is None:
                 report(
                     f,
@@ -193,19 +212,19 @@ def scan_kaggle3m(
             target = masks if m.group("mask") else images
             if num in target:
                 report(f, f"Slice {num} appears twice in '{pdir}': '{target[num]}' and '{f}'.")
-                duplicated.add(num)
+                dropped.add(num)
                 continue
             target[num] = f
-        for num in sorted(images.keys() - masks.keys() - duplicated):
+        for num in sorted(images.keys() - masks.keys() - dropped):
             report(
                 images[num],
                 f"Missing mask for image '{images[num]}': expected "
                 f"'{images[num].with_name(images[num].stem + '_mask' + images[num].suffix)}'.",
             )
-        for num in sorted(masks.keys() - images.keys() - duplicated):
+        for num in sorted(masks.keys() - images.keys() - dropped):
             report(masks[num], f"Mask '{masks[num]}' has no matching image in '{pdir}'.")
         records.extend(
             SliceRecord(pdir.name, num, images[num], masks[num])
-            for num in sorted((images.keys() & masks.keys()) - duplicated)
+            for num in sorted((images.keys() & masks.keys()) - dropped)
         )
     return records, problems

@@ -32,7 +32,10 @@ Generation is deterministic for a given seed and fully vectorised (8 patients x 
 256 x 256 take well under a second plus TIFF writing time). A marker file
 ``<root>/.synthetic.json`` holding the parameters is written last, so a repeated call with the
 same parameters is a no-op while a changed or interrupted data set is rewritten cleanly (only
-the ``SYN_*`` patient folders and the marker are ever deleted).
+the ``SYN_*`` patient folders and the marker are ever deleted). A folder that holds anything
+else (a real data set, a file of the user's) is never written to: :func:`write_synthetic_dataset`
+refuses it, naming what it found (:func:`foreign_entries`). ``data=synthetic`` writes its
+phantoms under tlunet's cache only (:class:`tlunet.data.datamodule.LGGDataModule`).
 
 Command line::
 
@@ -42,10 +45,12 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,15 +59,19 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
-from tlunet.utils import write_json_atomic
+from tlunet.errors import ConfigError, TlunetError
+from tlunet.utils import write_json_atomic, write_text_atomic
 
 __all__ = [
     "FORMAT_VERSION",
     "MARKER_NAME",
     "PATIENT_NAME_RE",
     "PhantomVolume",
+    "foreign_entries",
+    "holds_phantoms",
     "make_phantom_volume",
     "patient_name",
+    "phantom_folder_name",
     "write_synthetic_dataset",
 ]
 
@@ -70,6 +79,8 @@ FORMAT_VERSION = 1
 MARKER_NAME = ".synthetic.json"
 README_NAME = "README.md"
 PATIENT_NAME_RE = re.compile(r"^SYN_P\d{3}_20000101$")
+#: What an interrupted atomic write of the marker or the README leaves (tlunet.utils.atomic_path).
+_OWN_TEMPORARY_RE = re.compile(r"^\.(\.synthetic\.json|README\.md)\..+\.tmp$")
 _README_HEADER = "# Synthetic LGG phantoms (tlunet)"
 _MIN_SLICES = 3
 _MIN_SIZE = 32
@@ -288,6 +299,76 @@ def _is_complete(root: Path, params: dict[str, Any]) -> bool:
     return True
 
 
+def _own_patient_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a phantom patient folder: a ``SYN_P###_20000101`` folder (not a
+    link) holding only files named like this generator's slices and masks."""
+    if not PATIENT_NAME_RE.match(folder.name) or folder.is_symlink() or not folder.is_dir():
+        return False
+    name = re.compile(rf"^{re.escape(folder.name)}_\d+(_mask)?\.tif$")
+    return all(name.match(f.name) and f.is_file() and not f.is_symlink() for f in folder.iterdir())
+
+
+def _own_readme(path: Path) -> bool:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()[:1] == [_README_HEADER]
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def foreign_entries(root: str | Path) -> list[Path]:
+    """The entries of ``root`` (hidden ones included) that this generator did not write: all but
+    the marker, its README, the ``SYN_P###_20000101`` patient folders holding only phantom
+    slices, and what an interrupted write of the marker or README leaves. Empty for a folder
+    that does not exist yet. Sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_symlink():
+            found.append(entry)
+        elif entry.name == MARKER_NAME or _OWN_TEMPORARY_RE.match(entry.name):
+            if not entry.is_file():
+                found.append(entry)
+        elif entry.name == README_NAME:
+            if not (entry.is_file() and _own_readme(entry)):
+                found.append(entry)
+        elif not _own_patient_folder(entry):
+            found.append(entry)
+    return found
+
+
+def _refuse_foreign(root: Path) -> None:
+    foreign = foreign_entries(root)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise ConfigError(
+            f"Refusing to write synthetic phantoms into '{root}': it holds '{foreign[0]}'{more}, "
+            "which tlunet's phantom generator did not write. Phantoms are written only into an "
+            "empty folder or one holding tlunet's own phantoms; nothing was changed."
+        )
+
+
+def holds_phantoms(root: str | Path, **settings: Any) -> bool:
+    """Whether ``root`` holds the complete phantom set :func:`write_synthetic_dataset` writes
+    with ``settings`` (its keyword arguments) and nothing else: then it can be read as it is."""
+    root = Path(root)
+    signature = inspect.signature(write_synthetic_dataset).parameters
+    names = ("num_patients", "slices_per_patient", "image_size", "tumour_free_patients", "seed")
+    settings = {name: settings.get(name, signature[name].default) for name in names}
+    try:
+        params = _params(**settings)
+    except (TypeError, ValueError, IndexError):
+        return False
+    return root.is_dir() and _is_complete(root, params) and not foreign_entries(root)
+
+
+def phantom_folder_name(settings: Any) -> str:
+    """The folder name ``data=synthetic`` gives the phantoms of ``settings`` (its
+    ``data.synthetic`` node) under ``<cache>/synthetic/``, as ``conf/data/synthetic.yaml`` does."""
+    return f"p{settings['num_patients']}_s{settings['image_size']}_seed{settings['seed']}"
+
+
 def _clean(root: Path) -> None:
     """Delete the marker and the ``SYN_*`` patient folders this generator owns (nothing else)."""
     (root / MARKER_NAME).unlink(missing_ok=True)  # first, so an interrupted clean is detected
@@ -307,14 +388,6 @@ def _tumour_free_indices(rng: np.random.Generator, num_patients: int, fraction: 
 
 
 def _write_readme(root: Path, params: dict[str, Any]) -> None:
-    path = root / README_NAME
-    if path.exists():
-        try:
-            first_line = path.read_text(encoding="utf-8").splitlines()[:1]
-        except (OSError, UnicodeDecodeError):
-            return
-        if first_line != [_README_HEADER]:
-            return  # a README we do not own: leave it alone
     text = (
         f"{_README_HEADER}\n\n"
         "These are **synthetic phantoms**, not patient data. They were generated by\n"
@@ -324,7 +397,7 @@ def _write_readme(root: Path, params: dict[str, Any]) -> None:
         "with values 0/255). Use them for smoke tests only; metrics on them mean nothing.\n\n"
         f"Parameters: `{json.dumps(params, sort_keys=True)}`\n"
     )
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(root / README_NAME, text)
 
 
 def plan_patients(
@@ -372,9 +445,10 @@ def write_synthetic_dataset(
     """Write phantom patients into ``root`` in the ``kaggle_3m`` layout and return ``root``.
 
     Args:
-        root: output folder (created if needed). Files other than the ``SYN_P###_20000101``
-            folders, the marker ``.synthetic.json`` and this generator's ``README.md`` are
-            never touched.
+        root: output folder (created if needed): empty, or holding only what this generator
+            writes (the ``SYN_P###_20000101`` folders of phantom slices, the marker
+            ``.synthetic.json`` and its ``README.md``); a folder holding anything else raises
+            :class:`~tlunet.errors.ConfigError` naming it, and nothing is written.
         num_patients: number of phantom patients (1..999).
         slices_per_patient: inclusive range the number of slices per patient is drawn from
             (uniformly); the lower bound must be >= 3.
@@ -404,6 +478,7 @@ def write_synthetic_dataset(
         raise ValueError(f"tumour_free_patients must be in [0, 1], got {tumour_free_patients}")
 
     params = _params(num_patients, (lo, hi), image_size, tumour_free_patients, seed)
+    _refuse_foreign(root)
     root.mkdir(parents=True, exist_ok=True)
     if not overwrite and _is_complete(root, params):
         return root
@@ -462,15 +537,19 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--overwrite", action="store_true", help="rewrite even if up to date")
     args = parser.parse_args(argv)
-    root = write_synthetic_dataset(
-        args.out_dir,
-        num_patients=args.patients,
-        slices_per_patient=(args.min_slices, args.max_slices),
-        image_size=args.size,
-        tumour_free_patients=args.tumour_free,
-        seed=args.seed,
-        overwrite=args.overwrite,
-    )
+    try:
+        root = write_synthetic_dataset(
+            args.out_dir,
+            num_patients=args.patients,
+            slices_per_patient=(args.min_slices, args.max_slices),
+            image_size=args.size,
+            tumour_free_patients=args.tumour_free,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    except (TlunetError, ValueError) as exc:  # a folder of someone else's, impossible settings
+        print(f"tlunet error: {exc}", file=sys.stderr)
+        return 1
     marker = _read_marker(root) or {}
     n_slices = sum((marker.get("patients") or {}).values())
     print(f"synthetic data set at {root}: {args.patients} patients, {n_slices} slices")

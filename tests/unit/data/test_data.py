@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose_config
-from tlunet.data.cache import cache_key, decode_slices
+from tlunet.data.cache import cache_key, decode_slices, read_mask
 from tlunet.data.datamodule import LGGDataModule
 from tlunet.data.index import index_kaggle3m
 from tlunet.data.transforms import build_transform, channel_stats
@@ -348,3 +352,140 @@ def test_recently_verified_cache_is_not_hashed_again_until_a_write_or_an_hour(
     del masks
     time.sleep(0.05)
     assert np.array_equal(decode_slices(records, data_copy, cache_dir).masks, truth)
+
+
+# -- issue 21 ----------------------------------------------------------------------------------
+def _tumour_row(records) -> int:
+    return next(i for i, r in enumerate(records) if tifffile.imread(r.mask_path).any())
+
+
+@pytest.mark.parametrize("how", ["rewritten in place", "replaced by a rename"])
+def test_a_mask_replaced_with_the_same_name_size_and_mtime_gets_a_new_cache(
+    data_copy: Path, cache_dir: Path, how: str
+) -> None:
+    """Item 3: kaggle_3m masks are uncompressed TIFFs of one size, and cp -p, rsync -a and
+    archives keep modification times: a corrected mask differs from the cached one only in
+    its bytes (and in what no copy keeps: ctime, inode). The cache must follow the file."""
+    records = index_kaggle3m(data_copy)
+    row = _tumour_row(records)
+    target = records[row].mask_path
+    old = decode_slices(records, data_copy, cache_dir)
+    assert old.masks[row].any()
+    old_key = cache_key(records, data_copy)
+    st = target.stat()
+    scratch = data_copy / ".new_mask.tif"
+    tifffile.imwrite(scratch, np.zeros(old.masks.shape[1:], np.uint8))  # the tumour removed
+    assert scratch.stat().st_size == st.st_size
+    if how == "rewritten in place":
+        with open(target, "r+b") as f:
+            f.write(scratch.read_bytes())
+        scratch.unlink()
+    else:
+        os.replace(scratch, target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    records = index_kaggle3m(data_copy)
+    assert cache_key(records, data_copy) != old_key
+    new = decode_slices(records, data_copy, cache_dir)
+    assert not new.masks[row].any()
+    assert np.array_equal(new.masks[row], tifffile.imread(target) > 0)
+
+
+def test_an_rgb_mask_is_read_when_its_channels_agree_and_refused_otherwise(
+    data_copy: Path, cache_dir: Path
+) -> None:
+    """Item 9: a mask saved as RGB with the label in one channel is not read as empty."""
+    records = index_kaggle3m(data_copy)
+    row = _tumour_row(records)
+    grey = tifffile.imread(records[row].mask_path)
+    path = records[row].mask_path
+    tifffile.imwrite(path, np.stack([grey] * 3, axis=-1), photometric="rgb")
+    assert np.array_equal(read_mask(path), grey > 0)  # a grey mask saved as RGB
+    tifffile.imwrite(path, grey[..., None], photometric="minisblack")
+    assert np.array_equal(read_mask(path), grey > 0)  # (H, W, 1)
+    rgb = np.zeros((*grey.shape, 3), np.uint8)
+    rgb[..., 1] = grey  # the label in the green channel alone
+    tifffile.imwrite(path, rgb, photometric="rgb")
+    tumour = int(np.count_nonzero(grey))
+    expected = (
+        rf"Mask '{re.escape(str(path))}' has 3 channels that differ \(non-zero pixels per "
+        rf"channel: 0, {tumour}, 0\)"
+    )
+    with pytest.raises(DataError, match=expected):
+        read_mask(path)
+    with pytest.raises(DataError, match=expected):
+        decode_slices(records, data_copy, cache_dir)
+    skipped = decode_slices(records, data_copy, cache_dir, on_error="skip")
+    assert [p["path"] for p in skipped.skipped] == [str(path)]
+    assert row not in skipped.kept
+
+
+@pytest.mark.parametrize("where", ["the cache folder", "a folder above it", "its slices/"])
+def test_a_cache_folder_that_is_a_file_is_one_line(
+    data_copy: Path, tmp_path: Path, where: str
+) -> None:
+    """Item 11: TLUNET_CACHE_DIR or data.cache_dir naming a file (or its slices/ a file)."""
+    records = index_kaggle3m(data_copy)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    cache = {
+        "the cache folder": blocker,
+        "a folder above it": blocker / "slices",
+        "its slices/": tmp_path / "cache" / "slices",
+    }[where]
+    if where == "its slices/":
+        cache.parent.mkdir()
+        cache.write_text("x")
+        blocker = cache
+    for on_error in ("raise", "skip"):
+        with pytest.raises(ConfigError) as info:
+            decode_slices(records, data_copy, cache, on_error=on_error)
+        message = str(info.value)
+        what = f"The decoded-slice cache folder (data.cache_dir) '{cache}'"
+        if blocker == cache:
+            assert message.startswith(f"{what} is a file, not a folder.")
+        else:
+            assert message.startswith(f"{what} cannot be created: '{blocker}' is a file")
+        assert "TLUNET_CACHE_DIR" in message and "\n" not in message
+
+
+def test_stale_temporaries_of_killed_cache_builds_are_removed(
+    data_copy: Path, cache_dir: Path
+) -> None:
+    """Item 12: a build killed mid-way leaves <key>.tmp-<host>-<pid>-<hex> (356 MiB for 40
+    patients). The next decode removes those of this host's dead processes, never a live
+    process's build; a temporary whose owner cannot be asked goes after a day untouched."""
+    from tlunet.data.cache import _HOST, STALE_AFTER_S  # how a build names its temporary
+
+    records = index_kaggle3m(data_copy)
+    key = cache_key(records, data_copy)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        day_old = time.time() - 2 * STALE_AFTER_S
+        folders = {
+            "dead": (f"{key}.tmp-{_HOST}-{dead.pid}-0123abcd", None),
+            "live": (f"{key}.tmp-{_HOST}-{live.pid}-4567cdef", None),
+            "other host": (f"{key}.tmp-elsewhere.example-{dead.pid}-89abcdef", None),
+            "other host, old": (f"{key}.tmp-elsewhere.example-{dead.pid}-00000000", day_old),
+            "older tlunet": (f"{key}.tmp-1a2b3c4d", None),
+            "older tlunet, old": (f"{key}.tmp-5e6f7a8b", day_old),
+            "set aside": (f"{key}.bad-9c0d1e2f", None),
+            "not ours": ("notes.tmp-12345678", day_old),
+        }
+        for name, when in folders.values():
+            (cache_dir / name).mkdir(parents=True)
+            (cache_dir / name / "images.npy").write_bytes(b"x" * 1000)
+            if when is not None:
+                os.utime(cache_dir / name / "images.npy", (when, when))
+                os.utime(cache_dir / name, (when, when))
+        decoded = decode_slices(records, data_copy, cache_dir)
+        assert np.array_equal(decoded.masks, _fresh(records)[1] > 0)
+        left = {what for what, (name, _) in folders.items() if (cache_dir / name).exists()}
+        assert left == {"live", "other host", "older tlunet", "not ours"}
+        assert (cache_dir / key / "meta.json").is_file()
+    finally:
+        live.kill()
+        live.wait()

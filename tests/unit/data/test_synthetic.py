@@ -13,13 +13,19 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.conftest import REPO
+from tests.conftest import REPO, compose_config, tree_snapshot
+from tlunet.data.datamodule import LGGDataModule
 from tlunet.data.synthetic import (
     MARKER_NAME,
     PATIENT_NAME_RE,
+    foreign_entries,
+    holds_phantoms,
     make_phantom_volume,
+    phantom_folder_name,
     write_synthetic_dataset,
 )
+from tlunet.data.synthetic import _main as synthetic_main
+from tlunet.errors import ConfigError
 
 SMALL = {"num_patients": 5, "slices_per_patient": (6, 10), "image_size": 64, "seed": 3}
 IMAGE_RE = re.compile(r"^(?P<patient>SYN_P\d{3}_20000101)_(?P<n>[1-9]\d*)\.tif$")
@@ -150,12 +156,6 @@ def test_determinism(tmp_path: Path) -> None:
 
 def test_idempotent_and_rewrites_on_change(tmp_path: Path) -> None:
     root = tmp_path / "data"
-    root.mkdir()
-    (root / "foreign.txt").write_text("keep me")
-    (root / "other_dir").mkdir()
-    (root / "other_dir" / "x.tif").write_bytes(b"not ours")
-    (root / "TCGA_CS_4943_20000902").mkdir()  # a real-looking patient folder is not ours
-
     write_synthetic_dataset(root, **SMALL)
     before = _mtimes(root)
     time.sleep(0.02)
@@ -177,10 +177,6 @@ def test_idempotent_and_rewrites_on_change(tmp_path: Path) -> None:
     after = _mtimes(root)
     assert all(after[k] != before[k] for k in before if k.endswith(".tif"))
 
-    assert (root / "foreign.txt").read_text() == "keep me"
-    assert (root / "other_dir" / "x.tif").read_bytes() == b"not ours"
-    assert (root / "TCGA_CS_4943_20000902").is_dir()
-
 
 def test_interrupted_run_is_rewritten(tmp_path: Path) -> None:
     root = write_synthetic_dataset(tmp_path / "data", **SMALL)
@@ -200,12 +196,71 @@ def test_interrupted_run_is_rewritten(tmp_path: Path) -> None:
     assert _snapshot(root) == reference
 
 
-def test_foreign_readme_is_kept(tmp_path: Path) -> None:
-    root = tmp_path / "data"
-    root.mkdir()
+def _foreign_readme(root: Path) -> Path:
     (root / "README.md").write_text("my notes\n")
-    write_synthetic_dataset(root, **SMALL)
-    assert (root / "README.md").read_text() == "my notes\n"
+    return root / "README.md"
+
+
+def _real_patient(root: Path) -> Path:
+    folder = root / "TCGA_CS_4943_20000902"  # a real-looking patient folder is not ours
+    folder.mkdir()
+    tifffile.imwrite(folder / "TCGA_CS_4943_20000902_1.tif", np.zeros((8, 8, 3), np.uint8))
+    return folder
+
+
+def _hidden_file(root: Path) -> Path:
+    (root / ".notes").write_text("x")
+    return root / ".notes"
+
+
+def _file_in_a_phantom_folder(root: Path) -> Path:
+    (root / "SYN_P001_20000101" / "notes.txt").write_text("mine")
+    return root / "SYN_P001_20000101"
+
+
+def _linked_phantom_folder(root: Path) -> Path:
+    target = root.parent / "elsewhere"
+    target.mkdir()
+    (root / "SYN_P009_20000101").symlink_to(target)
+    return root / "SYN_P009_20000101"
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        _foreign_readme,
+        _real_patient,
+        _hidden_file,
+        _file_in_a_phantom_folder,
+        _linked_phantom_folder,
+    ],
+)
+@pytest.mark.parametrize("settings", ["same", "other"])
+def test_a_folder_holding_anything_else_is_never_written_to(
+    tmp_path: Path, foreign, settings: str
+) -> None:
+    """Issue 21, item 1: phantoms go only into an empty folder or one of tlunet's phantoms;
+    anything else is refused with one line naming the folder, and the folder is unchanged
+    (whether the call would rewrite the set or find it up to date)."""
+    root = write_synthetic_dataset(tmp_path / "data", **SMALL)
+    entry = foreign(root)
+    before = tree_snapshot(root)
+    kwargs = SMALL if settings == "same" else {**SMALL, "num_patients": 3}
+    with pytest.raises(ConfigError) as info:
+        write_synthetic_dataset(root, **kwargs)
+    message = str(info.value)
+    assert message.startswith(f"Refusing to write synthetic phantoms into '{root}': it holds")
+    assert f"'{entry}'" in message and "\n" not in message
+    assert tree_snapshot(root) == before
+    assert not holds_phantoms(root, **SMALL)
+
+
+def test_leftovers_of_an_interrupted_write_are_the_generator_own(tmp_path: Path) -> None:
+    root = write_synthetic_dataset(tmp_path / "data", **SMALL)
+    (root / f".{MARKER_NAME}.abc123.tmp").write_text("{")  # a killed atomic write
+    assert foreign_entries(root) == []
+    assert holds_phantoms(root, **SMALL)
+    assert not holds_phantoms(root, **{**SMALL, "seed": 4})
 
 
 @pytest.mark.parametrize(
@@ -232,3 +287,89 @@ def test_cli(tmp_path: Path) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=env_root, check=False)
     assert res.returncode == 0, res.stderr
     assert json.loads((out / MARKER_NAME).read_text())["params"]["num_patients"] == 3
+
+
+# -- data=synthetic: phantoms are written under tlunet's cache only (issue 21, item 1) -------
+def _phantom_module(root: Path, cache: Path, **settings) -> LGGDataModule:
+    return LGGDataModule(
+        str(root), synthetic={**SMALL, **settings}, synthetic_cache=str(cache), image_size=64
+    )
+
+
+def test_data_synthetic_writes_under_the_cache_and_only_reads_elsewhere(tmp_path: Path) -> None:
+    cache = tmp_path / "cache" / "synthetic"
+    inside = cache / "p5_s64_seed3"
+    _phantom_module(inside, cache).prepare_data()
+    assert holds_phantoms(inside, **SMALL)
+    # A complete set of these phantoms outside the cache is read as it is.
+    mine = write_synthetic_dataset(tmp_path / "mine", **SMALL)
+    before = tree_snapshot(mine)
+    _phantom_module(mine, cache).prepare_data()
+    assert tree_snapshot(mine) == before
+    # Any other folder outside the cache is refused, named, and left as it was.
+    real = tmp_path / "real"
+    real.mkdir()
+    _real_patient(real)
+    for root in (real, mine, tmp_path / "new"):
+        existed = {p: tree_snapshot(p) for p in (real, mine)}
+        module = _phantom_module(root, cache, seed=9)  # other settings than the set in `mine`
+        with pytest.raises(ConfigError) as info:
+            module.prepare_data()
+        message = str(info.value)
+        assert message.startswith("data=synthetic writes its phantoms only into tlunet's cache")
+        assert f"data.root '{root}'" in message and "data.synthetic=null" in message
+        assert {p: tree_snapshot(p) for p in (real, mine)} == existed
+        assert not (tmp_path / "new").exists()
+    # Without a cache folder (an older config) nothing is written anywhere.
+    with pytest.raises(ConfigError, match="writes its phantoms only into tlunet's cache"):
+        LGGDataModule(str(tmp_path / "new"), synthetic=SMALL).prepare_data()
+
+
+def test_a_real_folder_inside_the_cache_is_not_written_to_either(tmp_path: Path) -> None:
+    cache = tmp_path / "cache" / "synthetic"
+    root = cache / "p5_s64_seed3"
+    root.mkdir(parents=True)
+    folder = _real_patient(root)
+    before = tree_snapshot(root)
+    with pytest.raises(ConfigError, match=rf"into '{re.escape(str(root))}': it holds '{folder}'"):
+        _phantom_module(root, cache).prepare_data()
+    assert tree_snapshot(root) == before
+
+
+@pytest.mark.parametrize("overrides", [["data=synthetic"], ["experiment=demo"]])
+def test_the_synthetic_configs_keep_their_phantoms_in_the_cache(overrides: list[str]) -> None:
+    cfg = compose_config([*overrides, "paths.cache_dir=/somewhere/cache"])
+    assert cfg.data.synthetic_cache == "/somewhere/cache/synthetic"
+    expected = f"/somewhere/cache/synthetic/{phantom_folder_name(cfg.data.synthetic)}"
+    assert cfg.data.root == expected
+
+
+def test_cli_refuses_a_folder_of_someone_else_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root = tmp_path / "kaggle_3m"
+    root.mkdir()
+    folder = _real_patient(root)
+    before = tree_snapshot(root)
+    assert synthetic_main([str(root), "--patients", "3", "--size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"tlunet error: Refusing to write synthetic phantoms into '{root}': " + (
+        f"it holds '{folder}', which tlunet's phantom generator did not write. Phantoms are "
+        "written only into an empty folder or one holding tlunet's own phantoms; nothing was "
+        "changed.\n"
+    )
+    assert tree_snapshot(root) == before
+
+
+def test_a_phantom_folder_under_a_file_is_one_line(tmp_path: Path) -> None:
+    """Issue 21, item 11: TLUNET_CACHE_DIR naming a file, for the phantoms' folder."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    module = _phantom_module(blocker / "synthetic" / "p5_s64_seed3", blocker / "synthetic")
+    with pytest.raises(ConfigError) as info:
+        module.prepare_data()
+    assert str(info.value).startswith(
+        f"data.root '{blocker / 'synthetic' / 'p5_s64_seed3'}' cannot be created: "
+        f"'{blocker}' is a file, not a folder."
+    )
+    assert blocker.read_text() == "x"
