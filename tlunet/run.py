@@ -7,6 +7,8 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from tlunet.checkpoint import load_checkpoint, upgrade_config
 from tlunet.errors import ConfigError
 from tlunet.metrics import PER_PATIENT_KEYS
 from tlunet.models import count_parameters
+from tlunet.runfolder import describe, detach_log_files, writing_folder
 from tlunet.scoring import scoring_info
 from tlunet.tracking import log_config, log_results
 from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
@@ -42,9 +45,9 @@ REQUIRED_TEST_METRICS = (
 )
 
 
-def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
-    """The stored config of the run ``cfg.resume`` names, its ``last.ckpt``, and the
-    checkpoint's ``(epoch, global_step)``.
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
+    """The stored config of the run ``cfg.resume`` names, its ``last.ckpt``, and that checkpoint
+    (loaded safely: :func:`tlunet.checkpoint.load_checkpoint`).
 
     Raises :class:`ConfigError` when the folder is not a tlunet run, the run is complete, it
     has no checkpoint yet, the checkpoint cannot be loaded safely, or other overrides were given.
@@ -58,13 +61,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
     if not stored.is_file():
         # Hydra made the folder for this command (a mistyped path): leave nothing behind.
         if {p.name for p in run_dir.iterdir()} <= {".hydra-resumed", "train.log"}:
-            root_logger = logging.getLogger()
-            for handler in list(root_logger.handlers):
-                if isinstance(handler, logging.FileHandler) and Path(
-                    handler.baseFilename
-                ).is_relative_to(run_dir):
-                    root_logger.removeHandler(handler)
-                    handler.close()
+            detach_log_files(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise ConfigError(f"resume='{cfg.resume}' holds no config.yaml: it is not a tlunet run.")
     if (run_dir / "metrics.json").exists():
@@ -103,7 +100,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
         )
     run_cfg = upgrade_config(run_cfg)  # a run of tlunet < 0.3: today's module layout
     run_cfg.resume = str(run_dir)
-    return run_cfg, ckpt, (checkpoint["epoch"], checkpoint["global_step"])
+    return run_cfg, ckpt, checkpoint
 
 
 #: Config keys that do not change what a run computes: left out of ``config_hash``.
@@ -141,14 +138,62 @@ def check_monitor(cfg: DictConfig) -> None:
         )
 
 
+@contextmanager
+def run_folder_writer(cfg: DictConfig) -> Iterator[None]:
+    """Hold the folder a training writes (the new run's, or the resumed one) while it runs:
+    its lock (:class:`tlunet.runfolder.FolderLock`), taken by the process that writes the
+    run's files (rank 0 under DDP; the other ranks write nothing and take no lock).
+
+    Raises :class:`ConfigError` when another process holds the folder (a training, a
+    ``resume=``, an evaluation), or when a new training's folder holds another run's results
+    (:func:`tlunet.runfolder.held_results`: checkpoints, ``run.json``, ``metrics.json``,
+    ``evaluation.json``); a folder whose run stopped before its first checkpoint is started
+    again. The refused command writes nothing there, not even to the log. With the lock held,
+    the temporaries a killed writer left are removed
+    (:func:`tlunet.runfolder.remove_stale_temporaries`). The lock is released when the training
+    ends, however it ends (a job of an in-process sweep releases it before the next job)."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    resume = cfg.get("resume")
+    if resume:
+        folder = Path(str(resume)).expanduser().resolve()
+        if not (folder / "config.yaml").is_file():
+            yield  # not a run: resume_config says so
+            return
+        advice = "resume= continues a run once the process writing it has ended."
+        with writing_folder(folder, f"tlunet.train resume={folder}", advice):
+            yield
+        return
+
+    def refusal(folder: Path, held: list[str]) -> str:
+        return (
+            f"'{folder}' holds another run's results ({describe(held)}), which a new training "
+            f"there would replace: continue that run with resume={folder} (if it stopped "
+            "early), or train into a new folder (leave hydra.run.dir unset)."
+        )
+
+    advice = "Wait for it to end, or train into a new folder (leave hydra.run.dir unset)."
+    folder = Path(str(cfg.paths.output_dir)).expanduser().resolve()
+    with writing_folder(folder, "tlunet.train", advice, refusal):
+        yield
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the model of ``cfg``, test its best checkpoint, write the run's files.
+    """Fit the model of ``cfg``, test its best checkpoint, write the run's files, holding the
+    run folder (:func:`run_folder_writer`).
 
     Returns ``{"metrics": test metrics, "best_score": best monitored value, "run_dir": path}``.
     """
+    with run_folder_writer(cfg):
+        return _fit_test_write(cfg)
+
+
+def _fit_test_write(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = None
+    resumed = None  # the checkpoint a resumed run continues from
     if cfg.get("resume"):
-        cfg, ckpt_path, (epoch, global_step) = resume_config(cfg)
+        cfg, ckpt_path, resumed = resume_config(cfg)
     check_monitor(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +205,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:
         log.info("Resuming the run in %s from %s", run_dir, ckpt_path)
         if is_zero:
-            truncate_metrics_csv(run_dir / "csv" / "metrics.csv", epoch, global_step)
+            truncate_metrics_csv(
+                run_dir / "csv" / "metrics.csv", resumed["epoch"], resumed["global_step"]
+            )
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
