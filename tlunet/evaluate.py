@@ -49,6 +49,7 @@ from tlunet.postprocess import (
     postprocess_volume,
     threshold_curve,
 )
+from tlunet.runfolder import holds_evaluation_folder
 from tlunet.scoring import scoring_info, threshold_masks, to_native
 from tlunet.stats import global_dice_ci, mean_ci
 from tlunet.utils import (
@@ -339,6 +340,7 @@ def seen_patients(
     }
 
 
+@holds_evaluation_folder
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.stage``; write the files; return the metrics."""
     if not cfg.ckpt_path:
