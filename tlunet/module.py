@@ -300,8 +300,9 @@ class SegmentationModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         patients = None
         if getattr(datamodule, "stage_rows", None):
-            # Which patients the model saw: tlunet.evaluate refuses to score it on them.
-            patients = {s: datamodule.stage_patients(s) for s in ("train", "val")}
+            # Which patients the model saw: tlunet.evaluate refuses to score it on them; and
+            # the whole split, which a resumed run must find again (tlunet.run).
+            patients = {s: datamodule.stage_patients(s) for s in ("train", "val", "test")}
         checkpoint["tlunet"] = {
             "version": tlunet.__version__,
             "preprocessing": getattr(datamodule, "preprocessing", None),
