@@ -25,7 +25,7 @@ from tlunet.errors import ConfigError
 from tlunet.metrics import PER_PATIENT_KEYS
 from tlunet.models import count_parameters
 from tlunet.models.aux_head import upgrade_state_dict
-from tlunet.runfolder import describe, detach_log_files, writing_folder
+from tlunet.runfolder import RUN_FILES, describe, detach_log_files, writing_folder
 from tlunet.scoring import scoring_info
 from tlunet.tracking import log_config, log_results
 from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
@@ -163,7 +163,7 @@ def run_folder_writer(cfg: DictConfig) -> Iterator[None]:
             yield  # not a run: resume_config says so
             return
         advice = "resume= continues a run once the process writing it has ended."
-        with writing_folder(folder, f"tlunet.train resume={folder}", advice):
+        with writing_folder(folder, f"tlunet.train resume={folder}", advice, RUN_FILES):
             yield
         return
 
@@ -176,7 +176,7 @@ def run_folder_writer(cfg: DictConfig) -> Iterator[None]:
 
     advice = "Wait for it to end, or train into a new folder (leave hydra.run.dir unset)."
     folder = Path(str(cfg.paths.output_dir)).expanduser().resolve()
-    with writing_folder(folder, "tlunet.train", advice, refusal):
+    with writing_folder(folder, "tlunet.train", advice, RUN_FILES, refusal):
         yield
 
 

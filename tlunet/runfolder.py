@@ -21,8 +21,9 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from functools import wraps
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tlunet.errors import ConfigError
@@ -35,9 +36,19 @@ LOCK_FILE = ".tlunet.lock"
 #: test metrics, an evaluation's description and metrics. A folder holding any of them is never
 #: written into by another command.
 RESULT_FILES = ("run.json", "metrics.json", "evaluation.json")
-#: The sub-folders of a run folder that tlunet writes files into (atomically, through
-#: temporaries beside each file).
-WRITTEN_SUBFOLDERS = ("", "checkpoints", "csv")
+#: The files a training writes into its run folder (glob patterns relative to it), each through
+#: a temporary beside it (:func:`tlunet.utils.atomic_path`).
+RUN_FILES = (
+    "checkpoints/*.ckpt",
+    "csv/*",
+    "config.yaml",
+    "run.json",
+    "metrics.json",
+    "skipped_files.csv",
+    "*.png",
+)
+#: The files an evaluation writes into its folder.
+EVALUATION_FILES = ("metrics.json", "evaluation.json", "*.csv", "*.png")
 
 
 def held_results(folder: Path, runs: bool = False) -> list[str]:
@@ -194,18 +205,23 @@ def detach_log_files(folder: Path, remove_empty: bool = False) -> None:
                 log_file.unlink()
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove the temporaries of atomic writes (:func:`tlunet.utils.atomic_path`) in the run
-    folder ``folder`` and the sub-folders tlunet writes into: called with the folder's lock
-    held, so they belong to a writer that died (killed while writing a checkpoint). Returns
-    the removed paths."""
+def remove_stale_temporaries(folder: Path, own: tuple[str, ...]) -> list[Path]:
+    """Remove the temporaries of atomic writes (:func:`tlunet.utils.atomic_path`) of the files
+    ``own`` (glob patterns relative to ``folder``: those its writer writes) in ``folder``:
+    called with the folder's lock held, so they belong to a writer that died (killed while
+    writing a checkpoint). Another command's temporaries there (an export beside the
+    checkpoints) are left alone. Returns the removed paths."""
+    folder = Path(folder)
     removed = []
-    for sub in WRITTEN_SUBFOLDERS:
-        where = Path(folder) / sub
+    for sub in sorted({str(PurePosixPath(pattern).parent) for pattern in own}):
+        where = folder / sub
         if not where.is_dir():
             continue
         for path in sorted(where.iterdir()):
-            if is_atomic_temporary(path.name) and path.is_file():
+            if not (is_atomic_temporary(path.name) and path.is_file()):
+                continue
+            target = PurePosixPath(sub) / path.name[1:-13]  # .<name>.<8 characters>.tmp
+            if any(fnmatchcase(str(target), pattern) for pattern in own):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     if removed:
@@ -223,6 +239,7 @@ def writing_folder(
     folder: Path,
     command: str,
     advice: str,
+    own: tuple[str, ...],
     refusal: Callable[[Path, list[str]], str] | None = None,
     runs: bool = False,
 ) -> Iterator[None]:
@@ -231,8 +248,8 @@ def writing_folder(
     (its pid, host and start time, then ``advice``), and, when ``refusal`` is given, when the
     folder holds another command's results (:func:`held_results` with ``runs``; the message
     is ``refusal(folder, held)``). A refused command writes nothing into the folder,
-    not even its log lines. With the lock held, the temporaries a killed writer left there are
-    removed (:func:`remove_stale_temporaries`)."""
+    not even its log lines. With the lock held, the temporaries a killed writer of the files
+    ``own`` left there are removed (:func:`remove_stale_temporaries`)."""
     folder = Path(folder)
     lock = FolderLock(folder, command)
     try:
@@ -245,7 +262,7 @@ def writing_folder(
         if held:
             detach_log_files(folder, remove_empty=True)
             raise ConfigError(refusal(folder, held))
-        remove_stale_temporaries(folder)
+        remove_stale_temporaries(folder, own)
         yield
     finally:
         lock.release()
@@ -273,7 +290,9 @@ def holds_evaluation_folder(evaluate: Callable[..., Any]) -> Callable[..., Any]:
             )
 
         advice = "Wait for it to end, or evaluate into another folder (hydra.run.dir)."
-        with writing_folder(folder, "tlunet.evaluate", advice, refusal, runs=True):
+        with writing_folder(
+            folder, "tlunet.evaluate", advice, EVALUATION_FILES, refusal, runs=True
+        ):
             return evaluate(cfg, *args, **kwargs)
 
     return wrapper

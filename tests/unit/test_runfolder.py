@@ -101,7 +101,11 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path: Path) 
 def test_the_writer_removes_stale_temporaries_and_releases_on_failure(tmp_path: Path) -> None:
     left = _killed_writes(tmp_path)
     (tmp_path / "config.yaml").write_text("a: run\n")
-    keep = [tmp_path / "checkpoints" / "last.ckpt", tmp_path / ".notes.tmp"]
+    keep = [
+        tmp_path / "checkpoints" / "last.ckpt",
+        tmp_path / ".notes.tmp",
+        tmp_path / "checkpoints" / ".best.onnx.abcdefgh.tmp",  # an export's, maybe running
+    ]
     for path in keep:
         path.write_bytes(b"keep")
     cfg = _train_cfg(tmp_path, f"resume={tmp_path}")
