@@ -26,3 +26,15 @@ OmegaConf.register_new_resolver(
 
 #: Per-patient metrics, except under ``data.split=paper`` (scattered slices of every patient).
 OmegaConf.register_new_resolver("tlunet.per_patient", lambda split: split != "paper", replace=True)
+
+
+def _hydra_subdir(output_dir: str, subdir: str, command: str) -> str | None:
+    from tlunet.runfolder import hydra_subdir  # here: imported when Hydra starts a job
+
+    return hydra_subdir(output_dir, subdir, command)
+
+
+# ${tlunet.hydra_subdir:${hydra:runtime.output_dir},.hydra,train}: Hydra's output_subdir, or null
+# (no .hydra/ written) where the command (train, resume, evaluate) will be refused: another
+# process writes into the folder, or it holds another command's results.
+OmegaConf.register_new_resolver("tlunet.hydra_subdir", _hydra_subdir, replace=True)

@@ -55,6 +55,7 @@ from tlunet.postprocess import (
     threshold_curve,
 )
 from tlunet.precision import checkpoint_precision
+from tlunet.runfolder import holds_evaluation_folder
 from tlunet.scoring import scoring_info, threshold_masks, to_native
 from tlunet.stats import global_dice_ci, mean_ci
 from tlunet.utils import (
@@ -411,6 +412,7 @@ def synthetic_data(data: DictConfig, root_given: bool, cache_dir: str) -> None:
     log.info("The checkpoint's synthetic phantoms: %s", data.root)
 
 
+@holds_evaluation_folder
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.stage``; write the files; return the metrics."""
     if not cfg.ckpt_path:

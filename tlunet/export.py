@@ -11,6 +11,10 @@ outputs. With ``check=true`` (default) the export is run on random input (onnxru
 ONNX, ``torch.jit.load`` for TorchScript) and every output must match PyTorch's within
 ``tolerance``.
 
+The export never replaces the checkpoint, another ``.ckpt`` or any file but an earlier export
+of the same name (a model with its sidecar): such an ``output`` is refused before the
+checkpoint is loaded (:func:`check_output`).
+
 ONNX goes through PyTorch's current exporter (``torch.onnx.export(..., dynamo=True)``, built on
 ``torch.export``; it needs onnxscript, in the ``export`` extra) with a dynamic batch axis and
 the weights inside the ``.onnx`` file (written atomically, like the sidecar). Checked with torch 2.14.1 / onnxscript 0.7.2 on smp's
@@ -21,6 +25,7 @@ each with and without the aux head: every export matches PyTorch within 3e-5.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -32,6 +37,7 @@ from omegaconf import DictConfig
 from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
 from tlunet.cli import user_errors_exit
 from tlunet.errors import ConfigError, TlunetError
+from tlunet.predict_onnx import SIDECAR_KEYS
 from tlunet.utils import atomic_path, write_json_atomic
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -54,13 +60,14 @@ def export(cfg: DictConfig) -> Path:
                 f"format=onnx needs {' and '.join(missing)} (PyTorch's ONNX exporter uses them): "
                 "pip install 'tlunet[export]'"
             )
+    ckpt = Path(str(cfg.ckpt_path))
+    output = Path(str(cfg.output)) if cfg.output else ckpt.with_suffix(FORMATS[cfg.format])
+    check_output(output, ckpt)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     module = module_from_checkpoint(checkpoint)
     pre = (checkpoint.get("tlunet") or {}).get("preprocessing") or {}
     size = int(pre.get("image_size", 256))
     net = module.net.eval()
-    ckpt = Path(str(cfg.ckpt_path))
-    output = Path(str(cfg.output)) if cfg.output else ckpt.with_suffix(FORMATS[cfg.format])
     output.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(2, 3, size, size)
     for name in ("onnxscript", "onnx_ir"):  # their INFO lines on every rewrite pass
@@ -108,6 +115,45 @@ def export(cfg: DictConfig) -> Path:
         )
     print(f"exported: {output}")
     return output
+
+
+def _is_export_sidecar(path: Path) -> bool:
+    """Whether ``path`` is a sidecar ``tlunet.export`` wrote (a JSON object with its keys)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in SIDECAR_KEYS)
+
+
+def check_output(output: Path, ckpt: Path) -> None:
+    """Refuse, before the checkpoint is loaded, an ``output`` whose writing would replace
+    something that is not an earlier export of that name: the checkpoint itself, any
+    ``.ckpt``, a folder, an existing file without an export's sidecar beside it, or a sidecar
+    path (``<output>.json``) holding another file (``output=<run>/metrics`` would replace the
+    run's ``metrics.json``). An earlier export (model and sidecar) is replaced."""
+    sidecar = output.with_name(output.name + ".json")
+    instead = "Name another file, or leave output unset (beside the checkpoint, by its name)."
+    if output.exists() and ckpt.exists() and output.resolve() == ckpt.resolve():
+        raise ConfigError(
+            f"output '{output}' is the checkpoint being exported: the export would replace the "
+            f"trained model. {instead}"
+        )
+    if output.suffix == ".ckpt":
+        raise ConfigError(f"output '{output}' is named as a checkpoint (.ckpt). {instead}")
+    if output.is_dir():
+        raise ConfigError(f"output '{output}' is a folder: name the file to write. {instead}")
+    earlier = sidecar.is_file() and _is_export_sidecar(sidecar)
+    if output.exists() and not earlier:
+        raise ConfigError(
+            f"output '{output}' exists and is not an earlier export (no sidecar '{sidecar.name}' "
+            f"of tlunet.export beside it): the export would replace it. {instead}"
+        )
+    if sidecar.exists() and not earlier:
+        raise ConfigError(
+            f"the export's sidecar '{sidecar}' exists and is not one: the export would "
+            f"replace it. {instead}"
+        )
 
 
 @torch.no_grad()

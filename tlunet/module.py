@@ -302,8 +302,9 @@ class SegmentationModule(pl.LightningModule):
         patients = fingerprints = None
         if getattr(datamodule, "stage_rows", None):
             # Which patients the model saw: tlunet.evaluate refuses to score it on them, found
-            # by name or, renamed, by their images (hashed once per run, reused at each save).
-            patients = {s: datamodule.stage_patients(s) for s in ("train", "val")}
+            # by name or, renamed, by their images (hashed once per run, reused at each save);
+            # and the whole split, which a resumed run must find again (tlunet.run).
+            patients = {s: datamodule.stage_patients(s) for s in ("train", "val", "test")}
             if hasattr(datamodule, "patient_fingerprints"):
                 fingerprints = {
                     "method": FINGERPRINT,

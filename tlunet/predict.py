@@ -19,8 +19,9 @@ tumour pixels: the slices carry no voxel size, so no mm or mL). Or a folder hold
 patient's NIfTI volumes (:mod:`tlunet.nifti`, keys ``nifti.*``): its axial slices are segmented
 the same way and DIR receives ``mask.nii.gz`` (uint8 0/1 on the FLAIR volume's grid, its
 affine) and ``tumour_volume.json`` (voxels and mL). Every input problem is reported before the
-checkpoint is loaded. The output folder must differ from the input's: nothing is ever
-overwritten there. Everything but the network is :func:`tlunet.slices.run_prediction`, shared
+checkpoint is loaded, and so is every output problem: the output folder must differ from the
+input's (nothing is ever overwritten there), must be a folder, and must not hold an earlier
+prediction's files of the same names (they are never replaced). Everything but the network is :func:`tlunet.slices.run_prediction`, shared
 with ``tlunet.predict_onnx``.
 """
 

@@ -7,6 +7,8 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from tlunet.checkpoint import load_checkpoint, upgrade_config
 from tlunet.errors import ConfigError
 from tlunet.metrics import PER_PATIENT_KEYS
 from tlunet.models import count_parameters
+from tlunet.models.aux_head import upgrade_state_dict
+from tlunet.runfolder import RUN_FILES, describe, detach_log_files, writing_folder
 from tlunet.scoring import scoring_info
 from tlunet.stops import check as check_stop
 from tlunet.stops import reports_stops
@@ -45,9 +49,9 @@ REQUIRED_TEST_METRICS = (
 )
 
 
-def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
-    """The stored config of the run ``cfg.resume`` names, its ``last.ckpt``, and the
-    checkpoint's ``(epoch, global_step)``.
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
+    """The stored config of the run ``cfg.resume`` names, its ``last.ckpt``, and that checkpoint
+    (loaded safely: :func:`tlunet.checkpoint.load_checkpoint`).
 
     Raises :class:`ConfigError` when the folder is not a tlunet run, the run is complete, it
     has no checkpoint yet, the checkpoint cannot be loaded safely, or other overrides were given.
@@ -61,13 +65,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
     if not stored.is_file():
         # Hydra made the folder for this command (a mistyped path): leave nothing behind.
         if {p.name for p in run_dir.iterdir()} <= {".hydra-resumed", "train.log"}:
-            root_logger = logging.getLogger()
-            for handler in list(root_logger.handlers):
-                if isinstance(handler, logging.FileHandler) and Path(
-                    handler.baseFilename
-                ).is_relative_to(run_dir):
-                    root_logger.removeHandler(handler)
-                    handler.close()
+            detach_log_files(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise ConfigError(f"resume='{cfg.resume}' holds no config.yaml: it is not a tlunet run.")
     if (run_dir / "metrics.json").exists():
@@ -107,7 +105,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, tuple[int, int]]:
         )
     run_cfg = upgrade_config(run_cfg)  # a run of tlunet < 0.3: today's module layout
     run_cfg.resume = str(run_dir)
-    return run_cfg, ckpt, (checkpoint["epoch"], checkpoint["global_step"])
+    return run_cfg, ckpt, checkpoint
 
 
 #: Config keys that do not change what a run computes: left out of ``config_hash``.
@@ -146,15 +144,156 @@ def check_monitor(cfg: DictConfig) -> None:
         )
 
 
+@contextmanager
+def run_folder_writer(cfg: DictConfig) -> Iterator[None]:
+    """Hold the folder a training writes (the new run's, or the resumed one) while it runs:
+    its lock (:class:`tlunet.runfolder.FolderLock`), taken by the process that writes the
+    run's files (rank 0 under DDP; the other ranks write nothing and take no lock).
+
+    Raises :class:`ConfigError` when another process holds the folder (a training, a
+    ``resume=``, an evaluation), or when a new training's folder holds another run's results
+    (:func:`tlunet.runfolder.held_results`: checkpoints, ``run.json``, ``metrics.json``,
+    ``evaluation.json``); a folder whose run stopped before its first checkpoint is started
+    again. The refused command writes nothing there, not even to the log. With the lock held,
+    the temporaries a killed writer left are removed
+    (:func:`tlunet.runfolder.remove_stale_temporaries`). The lock is released when the training
+    ends, however it ends (a job of an in-process sweep releases it before the next job)."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    resume = cfg.get("resume")
+    if resume:
+        folder = Path(str(resume)).expanduser().resolve()
+        if not (folder / "config.yaml").is_file():
+            yield  # not a run: resume_config says so
+            return
+        advice = "resume= continues a run once the process writing it has ended."
+        with writing_folder(folder, f"tlunet.train resume={folder}", advice, RUN_FILES):
+            yield
+        return
+
+    def refusal(folder: Path, held: list[str]) -> str:
+        return (
+            f"'{folder}' holds another run's results ({describe(held)}), which a new training "
+            f"there would replace: continue that run with resume={folder} (if it stopped "
+            "early), or train into a new folder (leave hydra.run.dir unset)."
+        )
+
+    advice = "Wait for it to end, or train into a new folder (leave hydra.run.dir unset)."
+    folder = Path(str(cfg.paths.output_dir)).expanduser().resolve()
+    with writing_folder(folder, "tlunet.train", advice, RUN_FILES, refusal):
+        yield
+
+
+def _network(config: Any) -> str:
+    """``model=<name> encoder=<name>`` of a run config (a dict or a DictConfig)."""
+    model = (config.get("model") or {}).get("name")
+    encoder = (config.get("encoder") or {}).get("name")
+    return f"model={model} encoder={encoder}"
+
+
+def check_resume_network(
+    ckpt: Path, checkpoint: dict[str, Any], module: Any, cfg: DictConfig
+) -> None:
+    """Refuse a ``last.ckpt`` that is not the resumed run's own: one holding the weights of
+    another network (names or shapes differ from those of ``module``, the network of the run's
+    ``config.yaml``), or one written by a run in another folder (another run's checkpoint
+    copied over it). Raises :class:`ConfigError` naming the file and what differs."""
+    stored = checkpoint["hyper_parameters"]["config"]
+    own = module.state_dict()
+    state = upgrade_state_dict(checkpoint["state_dict"], module.has_aux)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    differs = []
+    if reshaped:
+        key = reshaped[0]
+        differs.append(
+            f"{len(reshaped)} weights of other shapes (e.g. {key}: "
+            f"{tuple(state[key].shape)} in the file, {tuple(own[key].shape)} in the run)"
+        )
+    if missing:
+        differs.append(f"{len(missing)} of the run's weights missing (e.g. {missing[0]})")
+    if unexpected:
+        differs.append(f"{len(unexpected)} weights the run has not (e.g. {unexpected[0]})")
+    if differs:
+        raise ConfigError(
+            f"'{ckpt}' holds the weights of another network ({_network(stored)}) than the "
+            f"run's config.yaml ({_network(cfg)}): {'; '.join(differs)}. Put the run's own "
+            "last.ckpt back, or start a new run."
+        )
+    run_dir = Path(str(cfg.paths.output_dir)).resolve()
+    written_in = (stored.get("paths") or {}).get("output_dir")
+    if written_in and Path(str(written_in)).resolve() != run_dir:
+        raise ConfigError(
+            f"'{ckpt}' was written by the run in '{written_in}', not by the run in '{run_dir}' "
+            "(another run's checkpoint copied over its own): put the run's own last.ckpt "
+            "back, or start a new run."
+        )
+
+
+def _names(items: list[str], limit: int = 8) -> str:
+    return ", ".join(items[:limit]) + (
+        f" and {len(items) - limit} more" if len(items) > limit else ""
+    )
+
+
+def check_resume_split(ckpt: Path, checkpoint: dict[str, Any], datamodule: Any) -> None:
+    """Refuse to resume on data that splits otherwise than when ``ckpt`` was saved (patients
+    added to or removed from ``data.root`` re-split it): the resumed run would pick its best
+    checkpoint across two validation sets. Compares the patients of each stage with those the
+    checkpoint records (``tlunet.patients``: train and val, and test where it records them);
+    raises :class:`ConfigError` naming the patients that moved, were added and were removed."""
+    recorded = (checkpoint.get("tlunet") or {}).get("patients")
+    if not recorded:
+        log.warning(
+            "'%s' records no patient lists: cannot check that the data splits as it did.", ckpt
+        )
+        return
+    stages = [s for s in ("train", "val", "test") if recorded.get(s) is not None]
+
+    def stages_of(lists: dict[str, list[str]]) -> dict[str, str]:
+        found: dict[str, list[str]] = {}
+        for stage in stages:
+            for patient in lists[stage]:
+                found.setdefault(patient, []).append(stage)
+        return {p: "+".join(s) for p, s in found.items()}
+
+    before = stages_of(recorded)
+    now = stages_of({s: datamodule.stage_patients(s) for s in stages})
+    both = sorted(before.keys() & now.keys())
+    moved = [f"{p} ({before[p]} -> {now[p]})" for p in both if before[p] != now[p]]
+    added = [f"{p} ({now[p]})" for p in sorted(now.keys() - before.keys())]
+    removed = [f"{p} (was {before[p]})" for p in sorted(before.keys() - now.keys())]
+    parts = [
+        f"{what}: {_names(items)}"
+        for what, items in (("moved", moved), ("added", added), ("removed", removed))
+        if items
+    ]
+    if parts:
+        raise ConfigError(
+            f"The data under '{datamodule.root}' splits otherwise than when '{ckpt}' was "
+            f"saved ({'; '.join(parts)}): the resumed run would pick its best checkpoint "
+            "across two validation sets. Restore the data as it was, or start a new run."
+        )
+
+
 @reports_stops  # SIGTERM, Ctrl-C, out of memory: one line naming what is intact
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the model of ``cfg``, test its best checkpoint, write the run's files.
+    """Fit the model of ``cfg``, test its best checkpoint, write the run's files, holding the
+    run folder (:func:`run_folder_writer`).
 
     Returns ``{"metrics": test metrics, "best_score": best monitored value, "run_dir": path}``.
     """
+    with run_folder_writer(cfg):
+        return _fit_test_write(cfg)
+
+
+def _fit_test_write(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = None
+    resumed = None  # the checkpoint a resumed run continues from
     if cfg.get("resume"):
-        cfg, ckpt_path, (epoch, global_step) = resume_config(cfg)
+        cfg, ckpt_path, resumed = resume_config(cfg)
     check_monitor(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,14 +304,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             (run_dir / "csv" / "metrics.csv").unlink(missing_ok=True)  # a new run, a new log
     else:
         log.info("Resuming the run in %s from %s", run_dir, ckpt_path)
-        if is_zero:
-            truncate_metrics_csv(run_dir / "csv" / "metrics.csv", epoch, global_step)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     # Index, validate and split the data before building anything else: data mistakes fail fast.
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if resumed is not None:
+        check_resume_split(ckpt_path, resumed, datamodule)
     skipped = getattr(datamodule, "skipped", None)
     if skipped and is_zero:
         write_text_atomic(
@@ -187,6 +326,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test", True):
         datamodule.require_stage("test")
     module = build_module(cfg)
+    if resumed is not None:
+        check_resume_network(ckpt_path, resumed, module, cfg)
+        if is_zero:  # the checks passed: the rows of the killed run's unfinished epoch go
+            truncate_metrics_csv(
+                run_dir / "csv" / "metrics.csv", resumed["epoch"], resumed["global_step"]
+            )
+        resumed = None  # trainer.fit loads it again, with the trainer's state
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)

@@ -14,7 +14,7 @@ model is loaded.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,40 @@ def _refuse_beside_inputs(out: Path, written: set[Path], inputs: set[Path]) -> N
         )
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse an output that is not a folder (an existing file, or a path under one), before
+    anything is read or loaded: predictions are a folder's files."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == out else f"lies under the file '{existing}'"
+        raise ConfigError(
+            f"output '{out}' {where}: output names the folder the predictions are written into "
+            "(masks/, overlays/, tumour_area.csv; NIfTI: mask.nii.gz, tumour_volume.json)."
+        )
+
+
+def refuse_existing_outputs(out: Path, targets: Iterable[Path]) -> None:
+    """Refuse, before the model is loaded, a prediction whose files (``targets``) exist in
+    ``out`` already: an earlier prediction's, which this one would replace."""
+    existing = [t for t in targets if t.exists()]
+    if existing:
+        names = [str(t.relative_to(out)) if t.is_relative_to(out) else str(t) for t in existing]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise ConfigError(
+            f"output '{out}' already holds a prediction ({', '.join(names[:3])}{more}), which "
+            "this one would replace: choose a new output folder, or remove it."
+        )
+
+
+def slice_outputs(out: Path, files: Sequence[Path]) -> list[Path]:
+    """The files :func:`segment` writes into ``out`` for ``files``."""
+    return [
+        out / "tumour_area.csv",
+        *(out / "masks" / f"{f.stem}.tif" for f in files),
+        *(out / "overlays" / f"{f.stem}.png" for f in files),
+    ]
+
+
 def input_kind(source: Path) -> str:
     """``nifti`` (a NIfTI file, or a folder of NIfTI volumes), ``slices`` (a slice file, a
     folder of slices, a patient folder) or ``root`` (a kaggle_3m folder of patient folders)."""
@@ -196,7 +230,9 @@ def run_prediction(
     source: Path, out: Path, load: Loader, batch_size: int, nifti: Mapping[str, Any]
 ) -> Path:
     """Segment ``source`` (any input kind, :func:`input_kind`) into ``out`` with the model
-    ``load`` returns, called once the inputs have been checked."""
+    ``load`` returns, called once the inputs have been checked and ``out`` is known to be a
+    folder (or a new path) holding no earlier prediction's files of the same names."""
+    check_output_folder(out)
     kind = input_kind(source)
     if kind == "nifti":
         return _predict_nifti(source, out, load, batch_size, nifti)
@@ -208,6 +244,7 @@ def run_prediction(
     if kind == "root":
         return _predict_root(source, out, load, batch_size)
     files = prediction_inputs(source, out)
+    refuse_existing_outputs(out, slice_outputs(out, files))
     infer, threshold, has_aux = load()
     segment(files, out, infer, threshold, batch_size, has_aux)
     print(f"{len(files)} slices segmented into {out}: masks/, overlays/, tumour_area.csv")
@@ -220,6 +257,10 @@ def _predict_root(source: Path, out: Path, load: Loader, batch_size: int) -> Pat
     patients = {p.name: list_inputs(p) for p in patient_dirs(source)}
     written = {out} | {out / name / sub for name in patients for sub in ("", "masks", "overlays")}
     _refuse_beside_inputs(out, written, {source, *(source / name for name in patients)})
+    targets = [out / "tumour_volume.csv"]
+    for name, files in patients.items():
+        targets += slice_outputs(out / name, files)
+    refuse_existing_outputs(out, targets)
     infer, threshold, has_aux = load()
     rows = []
     for name, files in progress(list(patients.items()), f"Segmenting {len(patients)} patients"):
@@ -248,6 +289,7 @@ def _predict_nifti(
         list(nifti["levels"]),
     )
     _refuse_beside_inputs(out, {out}, {case.folder})
+    refuse_existing_outputs(out, [out / "mask.nii.gz", out / "tumour_volume.json"])
     for warning in case.warnings:
         log.warning(warning)
     infer, threshold, has_aux = load()  # only now: every input problem is reported before

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,17 @@ def atomic_path(path: str | Path, intact: str | None = None) -> Iterator[Path]:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+#: The name of a temporary of :func:`atomic_path`: ``.<file name>.<8 random characters>.tmp``
+#: (``tempfile.mkstemp``'s random part: lower-case letters, digits and ``_``).
+_ATOMIC_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def is_atomic_temporary(name: str) -> bool:
+    """Whether the file name ``name`` is that of a temporary of :func:`atomic_path` (one left
+    by a process killed while writing, when no writer of its folder is running)."""
+    return bool(_ATOMIC_TEMPORARY.match(name))
 
 
 def show_progress() -> bool:

@@ -145,6 +145,8 @@ def test_failed_job_neither_stops_nor_hides_the_others(synthetic_root: Path, tmp
     assert f"1 of 2 jobs of the sweep in '{sweep}' did not complete" in out.stderr
     check_run_dir(sweep / "1_unet_resnet18")
     assert not (sweep / "0_unet_resnet18" / "metrics.json").exists()
+    # Each job held its run folder, and gave it back as it ended, failed or not.
+    assert not list(sweep.glob("*/.tlunet.lock"))
 
     report = run_cli(["tlunet.report", str(sweep)], cwd=tmp_path)
     assert report.returncode == 0, report.stderr
