@@ -11,13 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 from tlunet.builders import build_module
 from tlunet.errors import ConfigError
 from tlunet.models.aux_head import upgrade_state_dict
-from tlunet.targets import check_targets
+from tlunet.targets import check_checkpoint
 from tlunet.utils import load_tensors_safely
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A tlunet checkpoint, loaded without executing pickled code, whose stored config names
-    only ``_target_``s tlunet builds (:func:`tlunet.targets.check_targets`): nothing a
+    only ``_target_``s tlunet builds (:func:`tlunet.targets.check_checkpoint`): nothing a
     checkpoint names is called before that check."""
     path = Path(str(path)).expanduser()
     if not path.is_file():
@@ -27,7 +27,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     config = hyper.get("config") if isinstance(hyper, dict) else None
     if not isinstance(config, dict) or not config or "state_dict" not in checkpoint:
         raise ConfigError(f"'{path}' is not a tlunet checkpoint (no stored run config).")
-    check_targets(checkpoint, path)
+    check_checkpoint(checkpoint, path)
     return checkpoint
 
 

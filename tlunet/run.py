@@ -29,7 +29,7 @@ from tlunet.runfolder import RUN_FILES, describe, detach_log_files, writing_fold
 from tlunet.scoring import scoring_info
 from tlunet.stops import check as check_stop
 from tlunet.stops import reports_stops
-from tlunet.targets import check_targets
+from tlunet.targets import check_stored_config, check_write_paths
 from tlunet.tracking import log_config, log_results
 from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
 from tlunet.viz import plot_training_curves
@@ -86,7 +86,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
             )
     checkpoint = load_checkpoint(ckpt)
     run_cfg = OmegaConf.load(stored)
-    check_targets(run_cfg, stored)  # before anything of it is built
+    check_stored_config(run_cfg, stored)  # before anything of it is built or used
     first_dir = Path(str(run_cfg.paths.output_dir)).resolve()
     if first_dir != run_dir:
         # The checkpoint callback's state (best model, last path) names the first folder.
@@ -94,6 +94,10 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
             f"The run in '{run_dir}' was started in '{first_dir}': resume it there "
             "(move the folder back, or link it to that path)."
         )
+    # Where the run's callbacks, loggers, Trainer and cache write: its folder, this machine's
+    # outputs and cache, never a folder the file names.
+    here = [run_dir, Path(str(cfg.paths.log_dir)).expanduser()]
+    check_write_paths(run_cfg, stored, here, Path(str(cfg.paths.cache_dir)).expanduser())
     if "epoch" not in checkpoint or "global_step" not in checkpoint:
         raise ConfigError(f"'{ckpt}' holds no training state (epoch, step): it cannot be resumed.")
     if (checkpoint.get("tlunet") or {}).get("scoring") != "native":

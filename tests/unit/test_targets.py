@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import glob
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR
-from tlunet.targets import ENV_VAR, UntrustedTarget, check_targets, is_trusted
+from tlunet.errors import ConfigError
+from tlunet.targets import (
+    ENV_VAR,
+    UntrustedTarget,
+    check_checkpoint,
+    check_stored_config,
+    check_targets,
+    check_write_paths,
+    is_trusted,
+)
 
 
 def payloads(marker: Path) -> dict[str, dict]:
@@ -79,8 +90,8 @@ def test_nodes_in_args_and_partials_are_checked(tmp_path: Path) -> None:
     partial = {**payloads(marker)["subprocess.run"], "_partial_": True}
     with pytest.raises(UntrustedTarget, match="subprocess.run"):
         check_targets(stored_config(partial), "x.ckpt")
-    in_a_list = {"augment": [{"_target_": "albumentations.HorizontalFlip"}, partial]}
-    with pytest.raises(UntrustedTarget, match=r"augment\[1\]"):
+    in_a_list = {"data": {"augment": [{"_target_": "albumentations.HorizontalFlip"}, partial]}}
+    with pytest.raises(UntrustedTarget, match=r"data\.augment\[1\]"):
         check_targets(in_a_list, "x.ckpt")
     assert not marker.exists()
 
@@ -95,10 +106,13 @@ def test_nodes_in_args_and_partials_are_checked(tmp_path: Path) -> None:
         "tlunet.data.synthetic.write_synthetic_dataset",
         "tlunet.models.Nonexistent",
         "tlunet",
+        # reached through a trusted package, defined outside it
+        "torch.nn.modules.module.torch.fx.GraphModule",
+        "torch.nn.modules.module.torch.jit.RecursiveScriptModule",
     ],
 )
 def test_only_classes_of_a_run_and_tlunets_builders_are_trusted(name: str) -> None:
-    assert not is_trusted(name)
+    assert not is_trusted(name, "module")
 
 
 def test_a_module_outside_the_trusted_packages_is_never_imported(
@@ -107,14 +121,14 @@ def test_a_module_outside_the_trusted_packages_is_never_imported(
     marker = tmp_path / "pwned"
     evil_module(tmp_path, marker, monkeypatch)
     with pytest.raises(UntrustedTarget, match="tlunet_test_payload.Net"):
-        check_targets({"net": {"_target_": "tlunet_test_payload.Net"}}, "run/config.yaml")
+        check_targets({"model": {"_target_": "tlunet_test_payload.Net"}}, "run/config.yaml")
     assert not marker.exists()
 
 
 def test_a_user_trusts_their_own_targets_by_name_or_prefix(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    config = {"net": {"_target_": "mylab.nets.MyUNet"}, "loss": {"_target_": "mylab.losses.L"}}
+    config = {"model": {"_target_": "mylab.nets.MyUNet"}, "loss": {"_target_": "mylab.losses.L"}}
     with pytest.raises(UntrustedTarget, match=rf"{ENV_VAR}=mylab\.nets\.MyUNet"):
         check_targets(config, "c.yaml")
     monkeypatch.setenv(ENV_VAR, "mylab.nets.MyUNet")
@@ -122,7 +136,8 @@ def test_a_user_trusts_their_own_targets_by_name_or_prefix(
         check_targets(config, "c.yaml")
     monkeypatch.setenv(ENV_VAR, "mylab.nets.MyUNet, mylab.losses.")
     check_targets(config, "c.yaml")
-    assert not is_trusted("mylab.nets.MyUNetEvil") and not is_trusted("mylabx.losses.L")
+    assert not is_trusted("mylab.nets.MyUNetEvil", "model")
+    assert not is_trusted("mylabx.losses.L", "loss")
 
 
 def _compose(overrides: list[str]):
@@ -168,6 +183,73 @@ def test_an_installed_package_trusts_its_targets_through_entry_points(
     )
     targets._entry_point_names.cache_clear()
     try:
-        assert is_trusted("mylab.nets.MyUNet") and not is_trusted("otherlab.Net")
+        assert is_trusted("mylab.nets.MyUNet", "model") and not is_trusted("otherlab.Net", "model")
     finally:
         targets._entry_point_names.cache_clear()
+
+
+def test_a_resolver_cannot_make_a_node_the_check_never_saw(tmp_path: Path) -> None:
+    """``oc.create`` would build a node from a string at instantiate time: a stored config is
+    resolved, so any interpolation in it is refused."""
+    marker = tmp_path / "pwned"
+    node = f"${{oc.create:'{{_target_: builtins.open, _args_: [{marker}, w]}}'}}"
+    config = {"module": {"_target_": "torch.nn.Identity", "x": node}}
+    check_targets(config, "c.yaml")  # the walk alone sees a string
+    with pytest.raises(UntrustedTarget, match=r"interpolation at key module\.x"):
+        check_stored_config(config, "c.yaml")
+    with pytest.raises(UntrustedTarget, match="interpolation"):
+        check_stored_config(OmegaConf.create(config), "c.yaml")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("place", "target"),
+    [
+        ("module", "tlunet.tracking.mlflow_logger"),  # a logger's builder, where a network goes
+        ("module", "pytorch_lightning.callbacks.ModelCheckpoint"),
+        ("data", "torch.nn.Identity"),
+        ("logger", "tlunet.models.build_model"),
+        ("paths", "torch.nn.Identity"),  # nothing is built under paths
+    ],
+)
+def test_a_class_is_trusted_only_where_a_run_builds_its_kind(place: str, target: str) -> None:
+    with pytest.raises(UntrustedTarget, match=rf"under '{place}'"):
+        check_targets({place: {"x": {"_target_": target}}}, "c.yaml")
+
+
+def test_a_checkpoint_builds_nothing_outside_its_run_config() -> None:
+    config = stored_config({"_target_": "torch.nn.Identity"}, "betas")
+    checkpoint = {"state_dict": {}, "hyper_parameters": {"config": config}}
+    check_checkpoint(checkpoint, "a.ckpt")
+    checkpoint["callbacks"] = {"x": {"_target_": "torch.nn.Identity"}}
+    with pytest.raises(UntrustedTarget, match=r"callbacks\.x"):
+        check_checkpoint(checkpoint, "a.ckpt")
+
+
+def test_a_resumed_run_writes_only_into_its_folder_the_outputs_and_the_cache(
+    tmp_path: Path,
+) -> None:
+    run, outputs, cache = tmp_path / "outputs/runs/r", tmp_path / "outputs", tmp_path / "cache"
+    config = {
+        "callbacks": {"model_checkpoint": {"dirpath": f"{run}/checkpoints"}},
+        "logger": {
+            "tensorboard": {"save_dir": str(run)},
+            "mlflow": {"log_dir": str(outputs), "run_dir": str(run), "tracking_uri": None},
+        },
+        "trainer": {"default_root_dir": str(run)},
+        "data": {"cache_dir": f"{cache}/slices", "synthetic_cache": None, "root": "/data/k"},
+    }
+    check_write_paths(config, "config.yaml", [run, outputs], cache)
+    bad = [
+        ("callbacks", "prediction_figure", "path", str(Path.home() / ".bashrc")),
+        ("logger", "mlflow", "tracking_uri", f"sqlite:///{tmp_path}/elsewhere/lab.db"),
+        ("trainer", None, "default_root_dir", "/etc"),
+        ("data", None, "cache_dir", f"{tmp_path}/elsewhere"),
+    ]
+    for place, node, key, value in bad:
+        tampered = copy.deepcopy(config)
+        target = tampered[place] if node is None else tampered[place].setdefault(node, {})
+        target[key] = value
+        with pytest.raises(ConfigError, match="lies outside") as raised:
+            check_write_paths(tampered, "config.yaml", [run, outputs], cache)
+        assert key in str(raised.value) and "\n" not in str(raised.value)
