@@ -15,7 +15,8 @@ those bytes. Any write or replacement moves a file's ctime (no program can set i
 changes its inode, so a process that opens the cache compares the stamps (the stat calls of
 the key: a warm start reads no TIFF) and hashes only the files whose stamp changed: all with
 their bytes unchanged (a copy, a ``chmod``, a remount) -> the cache is used and the new stamps
-recorded; one changed -> one warning naming it, the cache is rebuilt.
+recorded; one changed -> one warning naming it, the cache is rebuilt. A cache keeps one set
+of stamps: two copies of a data set used in turn hash their files at each change of copy.
 
 ``meta.json`` also stores an xxh3-128 checksum of each array's bytes, checked when a process
 opens the cache: a cache whose bytes were changed after it was built (bit rot, another tool
@@ -35,9 +36,10 @@ never touched); one of another host, or of an older tlunet (``<key>.tmp-<hex>``)
 once nothing in it was written for :data:`STALE_AFTER_S` (:func:`remove_stale_builds`).
 
 A process that uses a cache holds a read lock on its ``meta.json`` (``fcntl``) until it ends.
-After a build, the other caches of the same data root and mode that no process holds are
-removed (:func:`remove_older_caches`): the data root's files no longer give their keys. On a
-file system whose locks other machines may not see (a network file system) nothing is removed.
+After a build, the other caches of the same data root and mode that were built from a file no
+longer on disk as it was (``files.json``: what the key hashed) and that no process holds are
+removed (:func:`remove_older_caches`). On a file system whose locks other machines may not see
+(a network file system) nothing is removed.
 """
 
 from __future__ import annotations
@@ -201,8 +203,8 @@ def _key(files: Sequence[FileStat], root: Path, on_error: str) -> str:
     h = hashlib.sha256(f"tlunet-cache-v{CACHE_FORMAT}".encode())
     if on_error != "raise":
         h.update(f"on_error={on_error}|{Path(root).resolve()}\n".encode())
-    for p, st in files:
-        h.update(f"{p.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for rel, size, mtime_ns in _file_list(files, root):
+        h.update(f"{rel}|{size}|{mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 
@@ -217,6 +219,11 @@ def cache_key(records: Sequence[SliceRecord], root: Path, on_error: str = "raise
     it was indexed) raises :class:`DataError` naming it.
     """
     return _key(stat_files(records), Path(root), on_error)
+
+
+def _file_list(files: Sequence[FileStat], root: Path) -> list[list]:
+    """What the key hashes, per file: [path relative to ``root``, size, mtime]."""
+    return [[p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns] for p, st in files]
 
 
 def _stamps(files: Sequence[FileStat]) -> list[list[int]]:
@@ -352,6 +359,7 @@ def _build_cache(
     fill: Callable[[np.ndarray, np.ndarray], Sequence[str | None]],
     meta: dict,
     files: Sequence[FileStat],
+    root: Path,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Write (N, H, W, 3) images and (N, H, W) masks filled by ``fill`` (which returns the
     :func:`file_hash` of each of ``files``, from the bytes it decoded) into ``folder`` (through a
@@ -373,6 +381,7 @@ def _build_cache(
         checksums = {"images": array_checksum(images), "masks": array_checksum(masks)}
         del images, masks
         write_json_atomic(tmp / _STAMPS, {"stamps": _stamps(files)}, intact)
+        write_json_atomic(tmp / _FILE_LIST, {"files": _file_list(files, root)}, intact)
         meta = {
             **meta,
             "checksum": CHECKSUM,
@@ -590,6 +599,8 @@ def _hold(folder: Path) -> int | None:
     if not _same_file(fd, meta):  # removed while this process waited for the lock
         _close(fd)
         return None
+    for other in [f for f, d in _HELD.items() if not _same_file(d, f / "meta.json")]:
+        _release(other)  # caches removed since (a long process opens many): no descriptor kept
     _HELD[folder] = fd
     return fd
 
@@ -642,37 +653,44 @@ def _file_system(path: Path) -> str | None:
     return kind
 
 
-def remove_older_caches(
-    cache_dir: str | Path,
-    kept: Path,
-    records: Sequence[SliceRecord],
-    root: Path,
-    on_error: str,
-) -> list[Path]:
-    """After ``kept`` was built for ``records`` of ``root``: remove the other caches of this
-    format, data root and mode (``meta.json``'s ``root`` and ``on_error``) that no process
-    uses; return the folders removed.
+def _built_from_files_on_disk(folder: Path, root: Path) -> bool:
+    """Whether every file the cache ``folder`` was built from (``files.json``: its key's
+    relative path, size and mtime) is still under ``root`` with that size and mtime; also
+    True when that cannot be told (no readable ``files.json``): then the cache is kept."""
+    try:
+        entries = json.loads((folder / _FILE_LIST).read_text()).get("files")
+        for rel, size, mtime_ns in entries:
+            try:
+                st = (root / rel).stat()
+            except OSError:
+                return False
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                return False
+    except (OSError, ValueError, TypeError, AttributeError):
+        return True
+    return True
 
-    Obsolete is a cache built from files of ``root`` that are not those on disk now: only when
-    the files (stat'ed again now) still give ``kept``'s key is anything removed (a file that
-    changed since the build makes ``kept`` the obsolete one). In use is a cache whose
-    ``meta.json`` another process holds a lock on (:func:`_hold`: every process that opened it,
-    until it ends) or this process holds; it is left alone, and so is everything on a file
-    system where the lock of a process on another machine may not be seen (not one of
-    :data:`LOCAL_FILE_SYSTEMS`: NFS, Lustre, GPFS, ... where locks depend on mount options).
-    Caches of other data roots (a copy elsewhere shares the caches of the root that built
-    them), of the other mode, of other tlunet cache formats and anything else in ``cache_dir``
-    are never touched."""
+
+def remove_older_caches(cache_dir: str | Path, kept: Path, root: Path, on_error: str) -> list[Path]:
+    """After ``kept`` was built for ``root``: remove the other caches of this cache format,
+    data root and mode (``meta.json``'s ``root`` and ``on_error``) that are obsolete and that
+    no process uses; return the folders removed.
+
+    Obsolete is a cache built from a file that is no longer under ``root`` with the relative
+    path, size and mtime of its key (``files.json``): no process that indexes ``root`` now gets
+    its key. In use is a cache whose ``meta.json`` another process holds a lock on
+    (:func:`_hold`: every process that opened it, until it ends; a process that indexed the
+    old files before the change and opens the cache later finds none, and builds one) or this
+    process holds. Nothing is removed on a file system where the lock of a process on another
+    machine may not be seen (not one of :data:`LOCAL_FILE_SYSTEMS`: NFS, Lustre, GPFS, ...,
+    whose locks depend on mount options). Caches of other data roots (a copy elsewhere uses
+    the caches of the root that built them), of the other mode, of other cache formats (another
+    tlunet version may use them) and anything else in ``cache_dir`` are never touched."""
     folder = Path(cache_dir).expanduser()
     if fcntl is None or _file_system(folder) not in LOCAL_FILE_SYSTEMS:
         log.debug("Older caches in %s are left: its file system's locks may be local", folder)
         return []
-    try:
-        if _key(stat_files(records), root, on_error) != kept.name:
-            return []  # the files changed since the build
-    except DataError:
-        return []
-    resolved = str(Path(root).resolve())
+    resolved = Path(root).resolve()
     held = set()
     for fd in _HELD.values():
         with contextlib.suppress(OSError):
@@ -695,11 +713,13 @@ def remove_older_caches(
             meta = _read_json_fd(fd)
             ours = (
                 meta.get("format") == CACHE_FORMAT
-                and meta.get("root") == resolved
+                and meta.get("root") == str(resolved)
                 and meta.get("on_error", "raise") == on_error
             )
             if not ours or not _same_file(fd, path / "meta.json"):
                 continue
+            if _built_from_files_on_disk(path, resolved):
+                continue  # current: e.g. a cache of some of the root's slices
             os.replace(path, trash)  # under the lock: a process waiting for it then sees none
         except (OSError, ValueError):
             continue
@@ -723,6 +743,8 @@ _STAMP = "verified"
 #: The (ctime, inode) of each slice file when it was last seen with the bytes meta.json hashes
 #: (rewritten when they change and the bytes do not; not one of the files the stamp watches).
 _STAMPS = "stamps.json"
+#: What the key hashed, per file: [relative path, size, mtime] (read by remove_older_caches).
+_FILE_LIST = "files.json"
 _FILES = ("images.npy", "masks.npy", "meta.json")
 
 
@@ -923,8 +945,8 @@ def decode_slices(
     def fill(images: np.ndarray, masks: np.ndarray) -> list[str | None]:
         return _decode_into(records, images, masks)
 
-    images, masks = _build_cache(folder, shape, fill, meta, files)
-    remove_older_caches(cache_dir, folder, records, root, "raise")
+    images, masks = _build_cache(folder, shape, fill, meta, files, root)
+    remove_older_caches(cache_dir, folder, root, "raise")
     return DecodedSlices(images, masks, kept)
 
 
@@ -979,6 +1001,6 @@ def _decode_skipping(
         "kept": scan.kept,
         "skipped": scan.problems,
     }
-    images, masks = _build_cache(folder, shape, fill, meta, files)
-    remove_older_caches(cache_dir, folder, records, root, "skip")
+    images, masks = _build_cache(folder, shape, fill, meta, files, root)
+    remove_older_caches(cache_dir, folder, root, "skip")
     return DecodedSlices(images, masks, scan.kept, scan.problems)

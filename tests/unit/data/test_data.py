@@ -692,12 +692,15 @@ def test_a_build_removes_the_caches_of_earlier_states_that_no_process_uses(
 
     first = decode()
     assert _can_lock(first / "meta.json") is False  # a process using a cache holds its lock
+    some = index_kaggle3m(data_copy)[-3:]  # never edited below: a current cache, kept
+    decode_slices(some, data_copy, cache_dir)
+    subset = cache_dir / cache_key(some, data_copy)
     skip = decode(on_error="skip")
     other = tmp_path / "other" / "kaggle_3m"
     shutil.copytree(data_copy, other, copy_function=shutil.copy2)
     _edit(index_kaggle3m(other)[0].image_path)
     elsewhere = decode(other)
-    done_with(skip), done_with(elsewhere), done_with(first)
+    done_with(skip), done_with(elsewhere), done_with(first), done_with(subset)
     assert _can_lock(first / "meta.json") is True
 
     records = index_kaggle3m(data_copy)
@@ -705,6 +708,7 @@ def test_a_build_removes_the_caches_of_earlier_states_that_no_process_uses(
     second = decode()
     assert not first.exists()  # an earlier state, used by no process: removed
     assert skip.exists() and elsewhere.exists()  # the other mode, another root: kept
+    assert subset.exists()  # built from files that are on disk as they were: current
     done_with(second)
     holder = _hold_in_another_process(second / "meta.json")
     try:
@@ -723,4 +727,4 @@ def test_a_build_removes_the_caches_of_earlier_states_that_no_process_uses(
     _edit(records[3].image_path)
     decode()
     assert third.exists() and fourth.exists()  # locks may be local to a machine: nothing goes
-    assert skip.exists() and elsewhere.exists()
+    assert skip.exists() and elsewhere.exists() and subset.exists()
