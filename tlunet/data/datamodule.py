@@ -205,7 +205,7 @@ class LGGDataModule(pl.LightningDataModule):
             )
             try:
                 write_synthetic_dataset(root, **self.synthetic)
-            except ValueError as exc:  # impossible phantom settings
+            except (TypeError, ValueError) as exc:  # impossible or unknown phantom settings
                 raise ConfigError(f"data.synthetic: {exc}") from exc
         elif holds_phantoms(root, **self.synthetic):
             log.info("data=synthetic: reading the phantoms in %s as they are", root)

@@ -458,3 +458,14 @@ def test_an_impossible_phantom_setting_on_the_command_line_is_one_line() -> None
     error = _user_error(info.value)
     assert isinstance(error, ConfigError) and "holds colour, not a setting" in str(error)
     assert "\n" not in str(error)
+
+
+def test_a_key_that_is_no_phantom_setting_is_one_line_with_an_explicit_root(
+    tmp_path: Path,
+) -> None:
+    """data.root set inside the cache (the resolver that names the folder does not run): a
+    key of data.synthetic that is no setting is one line too, not a TypeError."""
+    cache = tmp_path / "cache" / "synthetic"
+    with pytest.raises(ConfigError, match=r"^data\.synthetic: .*'colour'") as info:
+        _phantom_module(cache / "mine", cache, colour=1).prepare_data()
+    assert "\n" not in str(info.value) and not (cache / "mine").exists()
