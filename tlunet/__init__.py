@@ -38,3 +38,14 @@ def _hydra_subdir(output_dir: str, subdir: str, command: str) -> str | None:
 # (no .hydra/ written) where the command (train, resume, evaluate) will be refused: another
 # process writes into the folder, or it holds another command's results.
 OmegaConf.register_new_resolver("tlunet.hydra_subdir", _hydra_subdir, replace=True)
+
+
+def _phantom_folder(settings: object) -> str:
+    from tlunet.data.synthetic import phantom_folder_name  # here: imported when data=synthetic
+
+    return phantom_folder_name(settings)
+
+
+# ${tlunet.phantom_folder:${data.synthetic}}: the folder name of these phantoms under tlunet's
+# cache (conf/data/synthetic.yaml), one for each setting that changes them.
+OmegaConf.register_new_resolver("tlunet.phantom_folder", _phantom_folder, replace=True)

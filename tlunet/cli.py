@@ -21,6 +21,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("tlunet")
 
 
+def _raised_in_resolver(exc: BaseException) -> TlunetError | None:
+    """The :class:`TlunetError` a resolver of tlunet's raised inside the OmegaConf error
+    ``exc`` (which wraps it in lines of its own: ``full_key``, ``object_type``), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TlunetError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _user_error(exc: BaseException) -> BaseException | None:
     """The TlunetError (or OmegaConf error) behind ``exc``, looking through Hydra's wrappers.
 
@@ -30,7 +41,9 @@ def _user_error(exc: BaseException) -> BaseException | None:
     may come from a read: it keeps its traceback.)"""
     seen = exc
     while seen is not None:
-        if isinstance(seen, TlunetError | OmegaConfBaseException):
+        if isinstance(seen, OmegaConfBaseException):
+            return _raised_in_resolver(seen) or seen
+        if isinstance(seen, TlunetError):
             return seen
         if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
             where = seen.filename or "a file"

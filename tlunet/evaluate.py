@@ -447,7 +447,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for key, value in cfg.data.items():
         if value is not None:
             run_cfg.data[key] = value
-    synthetic_data(run_cfg.data, cfg.data.root is not None, cfg.paths.cache_dir)
+    try:
+        synthetic_data(run_cfg.data, cfg.data.root is not None, cfg.paths.cache_dir)
+    except ConfigError as exc:  # a hand-made checkpoint's phantom settings
+        raise ConfigError(
+            f"The checkpoint '{cfg.ckpt_path}' was trained on synthetic phantoms, but its {exc} "
+            "Evaluate it on real data with data.root=<folder>."
+        ) from exc
     if cfg.data.fold is not None and not run_cfg.data.get("num_folds"):
         raise ConfigError(
             "data.fold needs data.num_folds (the checkpoint was not trained with folds)."

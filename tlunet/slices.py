@@ -27,7 +27,15 @@ from tlunet.data.index import patient_dirs
 from tlunet.errors import ConfigError, DataError
 from tlunet.nifti import ROLES, is_nifti, read_case, write_mask
 from tlunet.resolution import native_masks
-from tlunet.utils import atomic_path, csv_text, progress, write_json_atomic, write_text_atomic
+from tlunet.utils import (
+    atomic_path,
+    csv_text,
+    names_and_more,
+    not_a_folder,
+    progress,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +181,11 @@ def _refuse_beside_inputs(out: Path, written: set[Path], inputs: set[Path]) -> N
 def check_output_folder(out: Path) -> None:
     """Refuse an output that is not a folder (an existing file, or a path under one), before
     anything is read or loaded: predictions are a folder's files."""
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        where = "is a file" if existing == out else f"lies under the file '{existing}'"
+    found = not_a_folder(out)
+    if found is not None:
+        culprit, kind = found
+        the = kind.replace("a ", "the ", 1)
+        where = f"is {kind}" if culprit == out else f"lies under {the} '{culprit}'"
         raise ConfigError(
             f"output '{out}' {where}: output names the folder the predictions are written into "
             "(masks/, overlays/, tumour_area.csv; NIfTI: mask.nii.gz, tumour_volume.json)."
@@ -188,9 +198,8 @@ def refuse_existing_outputs(out: Path, targets: Iterable[Path]) -> None:
     existing = [t for t in targets if t.exists()]
     if existing:
         names = [str(t.relative_to(out)) if t.is_relative_to(out) else str(t) for t in existing]
-        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         raise ConfigError(
-            f"output '{out}' already holds a prediction ({', '.join(names[:3])}{more}), which "
+            f"output '{out}' already holds a prediction ({names_and_more(names, 3)}), which "
             "this one would replace: choose a new output folder, or remove it."
         )
 

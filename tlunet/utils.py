@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -80,18 +80,23 @@ def write_error(path: str | Path, exc: OSError, intact: str) -> WriteError:
 
 
 @contextmanager
-def atomic_path(path: str | Path, intact: str | None = None) -> Iterator[Path]:
+def atomic_path(
+    path: str | Path, intact: str | None = None, make_parents: bool = True
+) -> Iterator[Path]:
     """The one way tlunet writes a file atomically: write to the yielded temporary path (in
     the same folder); on success it is flushed to disk (fsync) and renamed onto ``path``, on
     any error it is removed and ``path`` keeps its previous content, never a half-written one.
 
     A write that fails (an ``OSError``: no space, a file size limit, a read-only folder, a short
     write) raises :class:`WriteError` naming ``path`` and what is intact: ``intact`` when
-    given, else the previous ``path`` or the absence of one."""
+    given, else the previous ``path`` or the absence of one. The missing parent folders of
+    ``path`` are created, unless ``make_parents`` is false (a folder that another process may
+    remove meanwhile: the write then fails rather than bring the folder back)."""
     path = Path(path)
     tmp: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if make_parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         tmp = Path(name)
@@ -124,10 +129,50 @@ def atomic_path(path: str | Path, intact: str | None = None) -> Iterator[Path]:
 _ATOMIC_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
-def is_atomic_temporary(name: str) -> bool:
+def is_atomic_temporary(name: str, of: Iterable[str] | None = None) -> bool:
     """Whether the file name ``name`` is that of a temporary of :func:`atomic_path` (one left
-    by a process killed while writing, when no writer of its folder is running)."""
-    return bool(_ATOMIC_TEMPORARY.match(name))
+    by a process killed while writing, when no writer of its folder is running); with ``of``
+    (file names), a temporary of one of those files."""
+    if not _ATOMIC_TEMPORARY.match(name):
+        return False
+    return of is None or name[1:].rsplit(".", 2)[0] in set(of)
+
+
+def not_a_folder(path: str | Path) -> tuple[Path, str] | None:
+    """What keeps a folder from being at ``path`` (``~`` expanded) or created there: the nearest
+    of ``path`` and its parents that exists, when it is not a folder, with what it is (``"a
+    file"``, ``"a broken link"``); None when that nearest one is a folder (or a link to one)."""
+    path = Path(path).expanduser()
+    for part in (path, *path.parents):
+        if part.is_dir():
+            return None
+        if part.exists() or part.is_symlink():
+            return part, ("a file" if part.exists() else "a broken link")
+    return None
+
+
+def check_folder(path: str | Path, what: str, advice: str) -> Path:
+    """``path`` (``~`` expanded), or :class:`ConfigError` when it, or the nearest of its parents
+    that exists, is not a folder (a file, a broken link) so that nothing can be created in it
+    (:func:`not_a_folder`): one line naming ``what`` (the setting), the path and the culprit,
+    then ``advice``."""
+    path = Path(path).expanduser()
+    found = not_a_folder(path)
+    if found is None:
+        return path
+    part, kind = found
+    if part == path:
+        raise ConfigError(f"{what} '{path}' is {kind}, not a folder. {advice}")
+    raise ConfigError(
+        f"{what} '{path}' cannot be created: '{part}' is {kind}, not a folder. {advice}"
+    )
+
+
+def names_and_more(names: Sequence[str], limit: int) -> str:
+    """``names`` for a message: the first ``limit`` joined by commas and, when there are more,
+    how many more: ``"a, b, c and 4 more"``."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def show_progress() -> bool:

@@ -61,6 +61,44 @@ def test_evaluate_reads_synthetic_checkpoints_as_it_says(
     assert real == OmegaConf.create({"root": "/my/kaggle_3m", "synthetic": None})
 
 
+def test_a_checkpoint_whose_phantom_settings_lack_keys_is_read_or_one_line(
+    tmp_path: Path,
+) -> None:
+    """Item 5 (second round): a hand-made checkpoint's data.synthetic without every setting
+    names the phantoms data=synthetic writes for it (the generator's defaults); one with a key
+    that is no setting is one line, not a traceback."""
+    cache = tmp_path / "cache"
+    data = OmegaConf.create({"root": "/train/cache/synthetic/x", "synthetic": {"seed": 1}})
+    synthetic_data(data, False, str(cache))
+    assert data.root == str(cache / "synthetic" / phantom_folder_name({"seed": 1}))
+    data = OmegaConf.create({"root": "/x", "synthetic": {"seed": 1, "size": 64}})
+    with pytest.raises(ConfigError, match=r"^data\.synthetic holds size, not a setting") as info:
+        synthetic_data(data, False, str(cache))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_evaluating_a_checkpoint_with_impossible_phantom_settings_is_one_line(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    checkpoint = torch.load(
+        tiny_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True
+    )
+    checkpoint["hyper_parameters"]["config"]["data"]["synthetic"] = {"seed": 1, "size": 64}
+    ckpt = tmp_path / "hand-made.ckpt"
+    torch.save(checkpoint, ckpt)
+    out = run_cli(
+        ["tlunet.evaluate", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'evaluation'}"],
+        cwd=tmp_path,
+    )
+    errors = [line for line in out.stderr.splitlines() if line.startswith("tlunet error")]
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert len(errors) == 1 and f"The checkpoint '{ckpt}'" in errors[0]
+    assert "data.synthetic holds size, not a setting" in errors[0]
+
+
 @pytest.fixture()
 def data_roots(synthetic_root: Path, tmp_path: Path) -> dict[str, Path]:
     """A real-looking folder and a folder of phantoms (a copy of ``synthetic_root``)."""

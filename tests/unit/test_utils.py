@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tlunet.errors import ConfigError, WriteError
 from tlunet.utils import (
     atomic_path,
+    check_folder,
+    is_atomic_temporary,
+    names_and_more,
+    not_a_folder,
     progress,
     show_progress,
     write_json_atomic,
@@ -111,3 +116,61 @@ def test_progress_draws_on_a_terminal_and_still_yields_every_item(monkeypatch) -
     assert "After" in terminal.getvalue()
     monkeypatch.setenv("LOCAL_RANK", "1")  # another process of a distributed run: quiet
     assert not show_progress()
+
+
+# -- issue 21, second round: one way to find what blocks a folder, one way to list names -------
+def test_names_and_more() -> None:
+    assert names_and_more([], 3) == ""
+    assert names_and_more(["a", "b"], 3) == "a, b"
+    assert names_and_more(["a", "b", "c"], 3) == "a, b, c"
+    assert names_and_more(["a", "b", "c", "d", "e"], 3) == "a, b, c and 2 more"
+    assert names_and_more(["'x'", "'y'"], 1) == "'x' and 1 more"
+
+
+def test_what_blocks_a_folder(tmp_path: Path) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    broken = tmp_path / "broken"
+    broken.symlink_to(tmp_path / "nowhere")
+    (tmp_path / "dir_link").symlink_to(tmp_path)
+    assert not_a_folder(tmp_path / "new" / "deeper") is None
+    assert not_a_folder(tmp_path / "dir_link" / "new") is None
+    assert not_a_folder(a_file) == (a_file, "a file")
+    assert not_a_folder(a_file / "sub" / "deeper") == (a_file, "a file")
+    assert not_a_folder(broken / "sub") == (broken, "a broken link")
+    assert check_folder(tmp_path / "new", "x", "") == tmp_path / "new"
+    with pytest.raises(
+        ConfigError, match=rf"^setting '{broken}' is a broken link, not a folder\. Fix"
+    ):
+        check_folder(broken, "setting", "Fix it.")
+
+
+def test_atomic_temporaries_of_named_files(tmp_path: Path) -> None:
+    with atomic_path(tmp_path / ".synthetic.json") as tmp:
+        assert is_atomic_temporary(tmp.name, of=[".synthetic.json", "README.md"])
+        assert not is_atomic_temporary(tmp.name, of=["README.md"])
+    assert not is_atomic_temporary("..synthetic.json.abc.tmp", of=[".synthetic.json"])
+
+
+def test_an_atomic_write_without_its_folder_fails_rather_than_create_it(tmp_path: Path) -> None:
+    """make_parents=False: a cache folder another process removed stays removed."""
+    with (
+        pytest.raises((WriteError, OSError)),
+        atomic_path(tmp_path / "gone" / "stamps.json", make_parents=False) as tmp,
+    ):
+        tmp.write_text("{}")
+    assert not (tmp_path / "gone").exists()
+
+
+def test_a_prediction_output_that_is_a_broken_link_is_one_line(tmp_path: Path) -> None:
+    """slices.check_output_folder walks up as the cache's check does (utils.not_a_folder): a
+    broken link is refused before anything is read, not met by mkdir later."""
+    from tlunet.slices import check_output_folder
+
+    broken = tmp_path / "predictions"
+    broken.symlink_to(tmp_path / "unmounted")
+    with pytest.raises(ConfigError, match=rf"^output '{broken}' is a broken link: output names"):
+        check_output_folder(broken)
+    with pytest.raises(ConfigError, match=rf"lies under the broken link '{broken}'"):
+        check_output_folder(broken / "sub")
+    check_output_folder(tmp_path / "new" / "sub")

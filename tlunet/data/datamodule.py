@@ -14,7 +14,7 @@ import torch
 from pytorch_lightning.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
-from tlunet.data.cache import ON_ERRORS, DecodedSlices, check_folder, decode_slices
+from tlunet.data.cache import ON_ERRORS, DecodedSlices, decode_slices
 from tlunet.data.dataset import SeededShuffleSampler, SliceDataset
 from tlunet.data.fingerprint import patient_fingerprint, patient_rows
 from tlunet.data.index import SliceRecord, scan_kaggle3m, stray_entries
@@ -29,6 +29,7 @@ from tlunet.data.synthetic import holds_phantoms, write_synthetic_dataset
 from tlunet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, channel_stats
 from tlunet.errors import ConfigError, DataError
 from tlunet.lightning_compat import epochs_processed
+from tlunet.utils import check_folder
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class LGGDataModule(pl.LightningDataModule):
             )
             try:
                 write_synthetic_dataset(root, **self.synthetic)
-            except ValueError as exc:  # impossible phantom settings
+            except (TypeError, ValueError) as exc:  # impossible or unknown phantom settings
                 raise ConfigError(f"data.synthetic: {exc}") from exc
         elif holds_phantoms(root, **self.synthetic):
             log.info("data=synthetic: reading the phantoms in %s as they are", root)

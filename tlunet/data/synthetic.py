@@ -45,6 +45,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import math
@@ -60,12 +61,18 @@ import tifffile
 from scipy import ndimage
 
 from tlunet.errors import ConfigError, TlunetError
-from tlunet.utils import write_json_atomic, write_text_atomic
+from tlunet.utils import (
+    is_atomic_temporary,
+    names_and_more,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 __all__ = [
     "FORMAT_VERSION",
     "MARKER_NAME",
     "PATIENT_NAME_RE",
+    "SETTINGS",
     "PhantomVolume",
     "foreign_entries",
     "holds_phantoms",
@@ -78,9 +85,13 @@ __all__ = [
 FORMAT_VERSION = 1
 MARKER_NAME = ".synthetic.json"
 README_NAME = "README.md"
+#: The files beside the patient folders that the generator writes (atomically: an interrupted
+#: write leaves a temporary of tlunet.utils.atomic_path, which is its own too).
+_OWN_FILES = (MARKER_NAME, README_NAME)
 PATIENT_NAME_RE = re.compile(r"^SYN_P\d{3}_20000101$")
-#: What an interrupted atomic write of the marker or the README leaves (tlunet.utils.atomic_path).
-_OWN_TEMPORARY_RE = re.compile(r"^\.(\.synthetic\.json|README\.md)\..+\.tmp$")
+#: The settings of ``data.synthetic`` (the keyword arguments of :func:`write_synthetic_dataset`
+#: that shape the phantoms): each changes the phantoms, so each is in their folder's name.
+SETTINGS = ("num_patients", "slices_per_patient", "image_size", "tumour_free_patients", "seed")
 _README_HEADER = "# Synthetic LGG phantoms (tlunet)"
 _MIN_SLICES = 3
 _MIN_SIZE = 32
@@ -327,7 +338,7 @@ def foreign_entries(root: str | Path) -> list[Path]:
     for entry in sorted(root.iterdir()):
         if entry.is_symlink():
             found.append(entry)
-        elif entry.name == MARKER_NAME or _OWN_TEMPORARY_RE.match(entry.name):
+        elif entry.name == MARKER_NAME or is_atomic_temporary(entry.name, _OWN_FILES):
             if not entry.is_file():
                 found.append(entry)
         elif entry.name == README_NAME:
@@ -341,23 +352,29 @@ def foreign_entries(root: str | Path) -> list[Path]:
 def _refuse_foreign(root: Path) -> None:
     foreign = foreign_entries(root)
     if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        held = names_and_more([f"'{path}'" for path in foreign], 1)
         raise ConfigError(
-            f"Refusing to write synthetic phantoms into '{root}': it holds '{foreign[0]}'{more}, "
+            f"Refusing to write synthetic phantoms into '{root}': it holds {held}, "
             "which tlunet's phantom generator did not write. Phantoms are written only into an "
             "empty folder or one holding tlunet's own phantoms; nothing was changed."
         )
+
+
+def _with_defaults(settings: Any) -> dict[str, Any]:
+    """``settings`` (a mapping of :data:`SETTINGS`) with :func:`write_synthetic_dataset`'s
+    default for each one it lacks, as the generator reads them."""
+    signature = inspect.signature(write_synthetic_dataset).parameters
+    return {
+        name: settings[name] if name in settings else signature[name].default for name in SETTINGS
+    }
 
 
 def holds_phantoms(root: str | Path, **settings: Any) -> bool:
     """Whether ``root`` holds the complete phantom set :func:`write_synthetic_dataset` writes
     with ``settings`` (its keyword arguments) and nothing else: then it can be read as it is."""
     root = Path(root)
-    signature = inspect.signature(write_synthetic_dataset).parameters
-    names = ("num_patients", "slices_per_patient", "image_size", "tumour_free_patients", "seed")
-    settings = {name: settings.get(name, signature[name].default) for name in names}
     try:
-        params = _params(**settings)
+        params = _params(**_with_defaults(settings))
     except (TypeError, ValueError, IndexError):
         return False
     return root.is_dir() and _is_complete(root, params) and not foreign_entries(root)
@@ -365,8 +382,36 @@ def holds_phantoms(root: str | Path, **settings: Any) -> bool:
 
 def phantom_folder_name(settings: Any) -> str:
     """The folder name ``data=synthetic`` gives the phantoms of ``settings`` (its
-    ``data.synthetic`` node) under ``<cache>/synthetic/``, as ``conf/data/synthetic.yaml`` does."""
-    return f"p{settings['num_patients']}_s{settings['image_size']}_seed{settings['seed']}"
+    ``data.synthetic`` node, or a checkpoint's) under ``<cache>/synthetic/``: the one definition
+    (``conf/data/synthetic.yaml`` calls it through the resolver ``tlunet.phantom_folder``).
+
+    A readable prefix (patients, size, seed) and a hash of every setting (:data:`SETTINGS`, as
+    the generator reads them: a setting the node lacks is the generator's default, as
+    ``data=synthetic`` writes them) and of :data:`FORMAT_VERSION`, e.g.
+    ``p12_s256_seed0-1a2b3c4d``: two settings that give other phantoms never share a folder.
+    A node that is no mapping, holds another key, or a value that is not a number raises
+    :class:`~tlunet.errors.ConfigError` naming it (one line)."""
+    if settings is None or not hasattr(settings, "keys"):
+        raise ConfigError(
+            f"data.synthetic is {settings!r}, not the phantoms' settings ({', '.join(SETTINGS)})."
+        )
+    unknown = [str(key) for key in settings.keys() if key not in SETTINGS]
+    if unknown:
+        raise ConfigError(
+            f"data.synthetic holds {', '.join(unknown)}, not a setting of the phantoms "
+            f"({', '.join(SETTINGS)})."
+        )
+    values = _with_defaults(settings)
+    try:
+        params = _params(**values)
+    except (TypeError, ValueError, IndexError) as exc:
+        shown = ", ".join(f"{name}={value!r}" for name, value in values.items())
+        raise ConfigError(
+            f"data.synthetic: {shown} cannot be read as the phantoms' settings ({exc})."
+        ) from exc
+    text = json.dumps({"format_version": FORMAT_VERSION, **params}, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"p{params['num_patients']}_s{params['image_size']}_seed{params['seed']}-{digest}"
 
 
 def _clean(root: Path) -> None:

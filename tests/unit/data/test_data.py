@@ -361,17 +361,18 @@ def _tumour_row(records) -> int:
 
 @pytest.mark.parametrize("how", ["rewritten in place", "replaced by a rename"])
 def test_a_mask_replaced_with_the_same_name_size_and_mtime_gets_a_new_cache(
-    data_copy: Path, cache_dir: Path, how: str
+    data_copy: Path, cache_dir: Path, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Item 3: kaggle_3m masks are uncompressed TIFFs of one size, and cp -p, rsync -a and
     archives keep modification times: a corrected mask differs from the cached one only in
-    its bytes (and in what no copy keeps: ctime, inode). The cache must follow the file."""
+    its bytes (and in what no copy keeps: ctime, inode). The cache must follow the file: its
+    (ctime, inode) stamp moved, its bytes are hashed, they differ: one warning naming it, and
+    the cache is rebuilt."""
     records = index_kaggle3m(data_copy)
     row = _tumour_row(records)
     target = records[row].mask_path
     old = decode_slices(records, data_copy, cache_dir)
     assert old.masks[row].any()
-    old_key = cache_key(records, data_copy)
     st = target.stat()
     scratch = data_copy / ".new_mask.tif"
     tifffile.imwrite(scratch, np.zeros(old.masks.shape[1:], np.uint8))  # the tumour removed
@@ -386,10 +387,18 @@ def test_a_mask_replaced_with_the_same_name_size_and_mtime_gets_a_new_cache(
     assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
 
     records = index_kaggle3m(data_copy)
-    assert cache_key(records, data_copy) != old_key
-    new = decode_slices(records, data_copy, cache_dir)
+    with caplog.at_level("WARNING", logger="tlunet.data.cache"):
+        new = decode_slices(records, data_copy, cache_dir)
     assert not new.masks[row].any()
     assert np.array_equal(new.masks[row], tifffile.imread(target) > 0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"'{target}' is not the file it was built from" in warnings[0]
+    folder = cache_dir / cache_key(records, data_copy)
+    assert not np.load(folder / "masks.npy")[row].any()  # rebuilt on disk too
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tlunet.data.cache"):
+        again = decode_slices(records, data_copy, cache_dir)
+    assert not again.masks[row].any() and not caplog.records
 
 
 def test_an_rgb_mask_is_read_when_its_channels_agree_and_refused_otherwise(
@@ -489,3 +498,233 @@ def test_stale_temporaries_of_killed_cache_builds_are_removed(
     finally:
         live.kill()
         live.wait()
+
+
+# -- issue 21, second round: the cache key on (path, size, mtime), files checked by stamp -------
+def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tlunet.data import cache as cache_module
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the cache was rebuilt: the slices were decoded")
+
+    monkeypatch.setattr(cache_module, "_decode_into", no_decoding)  # on_error=raise
+    monkeypatch.setattr(cache_module, "scan_slices", no_decoding)  # on_error=skip
+
+
+def _count_file_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from tlunet.data import cache as cache_module
+
+    hashed: list[int] = []
+    real = getattr(cache_module, "file_hash", None)
+    monkeypatch.setattr(
+        cache_module, "file_hash", lambda data: hashed.append(1) or real(data), raising=False
+    )
+    return hashed
+
+
+def test_a_copy_with_its_times_kept_reuses_the_cache_without_decoding(
+    data_copy: Path, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """rsync -a / cp -p of the data set to node-local scratch at every cluster job: the copy's
+    files have new ctimes and inodes but the same relative paths, sizes, mtimes and bytes, so
+    it shares the cache: hashed once (no TIFF decoded, no warning), then a plain warm start."""
+    records = index_kaggle3m(data_copy)
+    first = decode_slices(records, data_copy, cache_dir)
+    truth = np.array(first.masks)
+    scratch = tmp_path / "scratch" / "kaggle_3m"
+    shutil.copytree(data_copy, scratch, copy_function=shutil.copy2)
+    copied = index_kaggle3m(scratch)
+    a, b = records[0].mask_path.stat(), copied[0].mask_path.stat()
+    assert (a.st_ino, a.st_mtime_ns) != (b.st_ino, b.st_mtime_ns) and a.st_mtime_ns == b.st_mtime_ns
+
+    _no_decoding(monkeypatch)
+    hashed = _count_file_hashes(monkeypatch)
+    with caplog.at_level("INFO", logger="tlunet.data.cache"):
+        decoded = decode_slices(copied, scratch, cache_dir)
+    assert np.array_equal(decoded.masks, truth)
+    assert [p.name for p in cache_dir.iterdir()] == [cache_key(records, data_copy)]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(hashed) == 2 * len(copied)  # every file of the copy hashed, once
+    hashed.clear()
+    decode_slices(copied, scratch, cache_dir)
+    assert hashed == []  # the copy's stamps were recorded: a plain warm start
+    decode_slices(records, data_copy, cache_dir)
+    assert len(hashed) == 2 * len(records)  # back on the original: its stamps again
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_chmod_alone_does_not_rebuild_the_cache(
+    data_copy: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, on_error: str, caplog
+) -> None:
+    """A change of metadata only (chmod: a new ctime) hashes that file, finds its bytes the same
+    and keeps the cache, without hashing the cache's arrays again (the `verified` stamp watches
+    the arrays and meta.json, not the stamps of the slice files)."""
+    from tlunet.data import cache as cache_module
+
+    records = index_kaggle3m(data_copy)
+    decode_slices(records, data_copy, cache_dir, on_error=on_error)
+    folder = cache_dir / cache_key(records, data_copy, on_error)
+    monkeypatch.setattr(cache_module, "CTIME_MARGIN_NS", 0)  # no waiting for the coarse clock
+    time.sleep(0.05)
+    decode_slices(records, data_copy, cache_dir, on_error=on_error)  # verified: the stamp
+    time.sleep(0.05)
+    target = records[2].mask_path
+    target.chmod(0o600)
+    _no_decoding(monkeypatch)
+    hashed = _count_file_hashes(monkeypatch)
+    arrays_hashed = []
+    real = cache_module.array_checksum
+    monkeypatch.setattr(
+        cache_module, "array_checksum", lambda arr: arrays_hashed.append(1) or real(arr)
+    )
+    with caplog.at_level("WARNING", logger="tlunet.data.cache"):
+        decode_slices(records, data_copy, cache_dir, on_error=on_error)
+        decode_slices(records, data_copy, cache_dir, on_error=on_error)
+    assert not caplog.records
+    assert hashed == [1] and arrays_hashed == []  # one file hashed, once; the arrays not
+    assert [p.name for p in cache_dir.iterdir()] == [folder.name]
+
+
+def test_a_skip_cache_follows_a_mask_replaced_with_the_same_name_size_and_mtime(
+    data_copy: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = index_kaggle3m(data_copy)
+    row = _tumour_row(records)
+    target = records[row].mask_path
+    assert decode_slices(records, data_copy, cache_dir, on_error="skip").masks[row].any()
+    st = target.stat()
+    time.sleep(0.02)
+    with open(target, "r+b") as f:  # the tumour removed, same size
+        f.write(_empty_mask_bytes(target))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with caplog.at_level("WARNING", logger="tlunet.data.cache"):
+        new = decode_slices(records, data_copy, cache_dir, on_error="skip")
+    assert not new.masks[row].any()
+    assert [str(target) in r.getMessage() for r in caplog.records] == [True]
+
+
+def _empty_mask_bytes(like: Path) -> bytes:
+    scratch = like.with_name(".empty.tif")
+    tifffile.imwrite(scratch, np.zeros_like(tifffile.imread(like)))
+    data = scratch.read_bytes()
+    scratch.unlink()
+    assert len(data) == like.stat().st_size
+    return data
+
+
+def test_new_stamps_that_cannot_be_recorded_leave_the_cache_usable(
+    data_copy: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A read-only cache folder (or one another process removed meanwhile): the stamps stay
+    the old ones, the cache is used all the same, the files are hashed again next time."""
+    from tlunet.data import cache as cache_module
+    from tlunet.errors import WriteError
+
+    records = index_kaggle3m(data_copy)
+    truth = np.array(decode_slices(records, data_copy, cache_dir).masks)
+    time.sleep(0.02)
+    records[0].image_path.chmod(0o600)
+
+    def read_only(path, *args, **kwargs):
+        raise WriteError(f"Cannot write '{path}': Read-only file system")
+
+    monkeypatch.setattr(cache_module, "atomic_path", read_only, raising=False)
+    _no_decoding(monkeypatch)
+    hashed = _count_file_hashes(monkeypatch)
+    with caplog.at_level("WARNING", logger="tlunet.data.cache"):
+        for _ in range(2):
+            assert np.array_equal(decode_slices(records, data_copy, cache_dir).masks, truth)
+    assert not caplog.records and hashed == [1, 1]
+
+
+def _hold_in_another_process(meta: Path) -> subprocess.Popen:
+    """A process holding the read lock a user of the cache holds (tlunet.data.cache._hold)."""
+    code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_SH)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(meta)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def _can_lock(meta: Path) -> bool:
+    """Whether another process can take the write lock that removing the cache takes."""
+    code = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n"
+        "    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "except OSError:\n"
+        "    sys.exit(3)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, str(meta)]).returncode == 0
+
+
+def _edit(path: Path) -> None:
+    """A new version of a slice image (new bytes and mtime): another state of the data set."""
+    image = tifffile.imread(path)
+    tifffile.imwrite(path, 255 - image, photometric="rgb")
+
+
+def test_a_build_removes_the_caches_of_earlier_states_that_no_process_uses(
+    data_copy: Path, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 12: every state of a data set left a ~1 GB cache forever. After a build, the caches
+    of the same root and mode whose files are no longer on disk go, unless a process uses them
+    (this one, or another: a training started before the edit reads its memory-mapped arrays);
+    the skip cache, another root's caches and everything on a network file system stay."""
+    from tlunet.data import cache as cache_module
+
+    def decode(root: Path = data_copy, on_error: str = "raise") -> Path:
+        records = index_kaggle3m(root)
+        decoded = decode_slices(records, root, cache_dir, on_error=on_error)
+        assert np.array_equal(decoded.images, _fresh(records)[0])
+        return cache_dir / cache_key(records, root, on_error)
+
+    def done_with(folder: Path) -> None:  # as if an earlier process had used it
+        cache_module._release(folder)
+
+    first = decode()
+    assert _can_lock(first / "meta.json") is False  # a process using a cache holds its lock
+    some = index_kaggle3m(data_copy)[-3:]  # never edited below: a current cache, kept
+    decode_slices(some, data_copy, cache_dir)
+    subset = cache_dir / cache_key(some, data_copy)
+    skip = decode(on_error="skip")
+    other = tmp_path / "other" / "kaggle_3m"
+    shutil.copytree(data_copy, other, copy_function=shutil.copy2)
+    _edit(index_kaggle3m(other)[0].image_path)
+    elsewhere = decode(other)
+    done_with(skip), done_with(elsewhere), done_with(first), done_with(subset)
+    assert _can_lock(first / "meta.json") is True
+
+    records = index_kaggle3m(data_copy)
+    _edit(records[0].image_path)
+    second = decode()
+    assert not first.exists()  # an earlier state, used by no process: removed
+    assert skip.exists() and elsewhere.exists()  # the other mode, another root: kept
+    assert subset.exists()  # built from files that are on disk as they were: current
+    done_with(second)
+    holder = _hold_in_another_process(second / "meta.json")
+    try:
+        _edit(records[1].image_path)
+        third = decode()
+        assert second.exists()  # used by another process: kept
+    finally:
+        holder.kill()
+        holder.wait()
+    _edit(records[2].image_path)
+    fourth = decode()
+    assert third.exists()  # used by this process: kept
+    assert not second.exists()  # no longer held: removed at the next build
+    done_with(third)
+    monkeypatch.setattr(cache_module, "_file_system", lambda path: "nfs4")
+    _edit(records[3].image_path)
+    decode()
+    assert third.exists() and fourth.exists()  # locks may be local to a machine: nothing goes
+    assert skip.exists() and elsewhere.exists() and subset.exists()

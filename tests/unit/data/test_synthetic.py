@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -257,7 +259,9 @@ def test_a_folder_holding_anything_else_is_never_written_to(
 
 def test_leftovers_of_an_interrupted_write_are_the_generator_own(tmp_path: Path) -> None:
     root = write_synthetic_dataset(tmp_path / "data", **SMALL)
-    (root / f".{MARKER_NAME}.abc123.tmp").write_text("{")  # a killed atomic write
+    for name in (MARKER_NAME, "README.md"):  # killed atomic writes (tlunet.utils.atomic_path)
+        fd, _ = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
     assert foreign_entries(root) == []
     assert holds_phantoms(root, **SMALL)
     assert not holds_phantoms(root, **{**SMALL, "seed": 4})
@@ -373,3 +377,95 @@ def test_a_phantom_folder_under_a_file_is_one_line(tmp_path: Path) -> None:
         f"'{blocker}' is a file, not a folder."
     )
     assert blocker.read_text() == "x"
+
+
+# -- issue 21, second round: one folder per phantom set, named in one place ------------------
+PHANTOMS = {
+    "num_patients": 12,
+    "slices_per_patient": [16, 24],
+    "image_size": 256,
+    "tumour_free_patients": 0.2,
+    "seed": 0,
+}
+
+
+def test_every_setting_that_changes_the_phantoms_names_their_folder() -> None:
+    """Two settings that write other phantoms never share (and rewrite) one folder that
+    another command may be reading; settings read alike name the same folder."""
+    changed = {
+        "num_patients": 13,
+        "slices_per_patient": [16, 25],
+        "image_size": 128,
+        "tumour_free_patients": 0.5,
+        "seed": 1,
+    }
+    names = {phantom_folder_name(PHANTOMS)}
+    names |= {phantom_folder_name({**PHANTOMS, key: value}) for key, value in changed.items()}
+    assert len(names) == 1 + len(changed)
+    alike = {**PHANTOMS, "slices_per_patient": (16, 24), "tumour_free_patients": 0.20}
+    assert phantom_folder_name(alike) == phantom_folder_name(PHANTOMS)
+    assert phantom_folder_name(PHANTOMS).startswith("p12_s256_seed0-")
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["data.synthetic.slices_per_patient=[6,9]", "data.synthetic.tumour_free_patients=0.5"],
+)
+def test_the_config_names_the_phantom_folder_with_the_one_definition(override: str) -> None:
+    plain = compose_config(["data=synthetic", "paths.cache_dir=/c"])
+    changed = compose_config(["data=synthetic", "paths.cache_dir=/c", override])
+    assert changed.data.root != plain.data.root
+    assert changed.data.root == f"/c/synthetic/{phantom_folder_name(changed.data.synthetic)}"
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ({**PHANTOMS, "colour": 1}, "data.synthetic holds colour, not a setting"),
+        ({**PHANTOMS, "num_patients": "many"}, "num_patients='many'"),
+        ({**PHANTOMS, "slices_per_patient": 8}, "slices_per_patient=8"),
+        ({"slices_per_patient": [5]}, "slices_per_patient=[5]"),
+        (None, "data.synthetic is None"),
+        ([12, 256], "data.synthetic is [12, 256]"),
+    ],
+)
+def test_phantom_settings_that_name_no_folder_are_one_line(node: dict, message: str) -> None:
+    """Item 5: a hand-made checkpoint's (or a command line's) data.synthetic with another key,
+    a value that is no number, or no mapping at all: one line, not a traceback."""
+    with pytest.raises(ConfigError) as info:
+        phantom_folder_name(node)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_setting_the_node_lacks_is_the_generator_default() -> None:
+    """Item 5: a node without every setting (a hand-made checkpoint, an older one) names the
+    phantoms data=synthetic writes for it (write_synthetic_dataset's defaults), as it reads
+    them (holds_phantoms)."""
+    defaults = {"num_patients": 8, "slices_per_patient": [16, 24], "image_size": 256}
+    defaults |= {"tumour_free_patients": 0.2, "seed": 0}
+    assert phantom_folder_name({"seed": 0}) == phantom_folder_name(defaults)
+    assert phantom_folder_name({}) == phantom_folder_name(defaults)
+    assert phantom_folder_name({"seed": 1}) != phantom_folder_name(defaults)
+
+
+def test_an_impossible_phantom_setting_on_the_command_line_is_one_line() -> None:
+    """The resolver's refusal comes out as its own line, not in OmegaConf's three."""
+    from tlunet.cli import _user_error
+
+    cfg = compose_config(["data=synthetic", "+data.synthetic.colour=1"])
+    with pytest.raises(Exception) as info:
+        str(cfg.data.root)
+    error = _user_error(info.value)
+    assert isinstance(error, ConfigError) and "holds colour, not a setting" in str(error)
+    assert "\n" not in str(error)
+
+
+def test_a_key_that_is_no_phantom_setting_is_one_line_with_an_explicit_root(
+    tmp_path: Path,
+) -> None:
+    """data.root set inside the cache (the resolver that names the folder does not run): a
+    key of data.synthetic that is no setting is one line too, not a TypeError."""
+    cache = tmp_path / "cache" / "synthetic"
+    with pytest.raises(ConfigError, match=r"^data\.synthetic: .*'colour'") as info:
+        _phantom_module(cache / "mine", cache, colour=1).prepare_data()
+    assert "\n" not in str(info.value) and not (cache / "mine").exists()
