@@ -447,6 +447,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for key, value in cfg.data.items():
         if value is not None:
             run_cfg.data[key] = value
+    # This command's cache (null: decode into memory), never a folder the checkpoint names.
+    run_cfg.data.cache_dir = cfg.data.cache_dir
     try:
         synthetic_data(run_cfg.data, cfg.data.root is not None, cfg.paths.cache_dir)
     except ConfigError as exc:  # a hand-made checkpoint's phantom settings

@@ -243,6 +243,7 @@ def test_failed_csv_write_of_evaluate_is_one_line(tiny_run: Path, tmp_path: Path
             "tlunet.evaluate",
             f"ckpt_path={tiny_run / 'checkpoints' / 'best.ckpt'}",
             f"hydra.run.dir={eval_dir}",
+            "data.cache_dir=null",  # decoded in memory: the first file written is a CSV
         ],
     )
     assert f"Cannot write '{eval_dir}" in line and ".csv'" in line
