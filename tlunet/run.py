@@ -94,6 +94,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
             f"The run in '{run_dir}' was started in '{first_dir}': resume it there "
             "(move the folder back, or link it to that path)."
         )
+    rebase_caches(run_cfg, Path(str(cfg.paths.cache_dir)))
     # Where the run's callbacks, loggers, Trainer and cache write: its folder, this machine's
     # outputs and cache, never a folder the file names.
     here = [run_dir, Path(str(cfg.paths.log_dir)).expanduser()]
@@ -110,6 +111,41 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
     run_cfg = upgrade_config(run_cfg)  # a run of tlunet < 0.3: today's module layout
     run_cfg.resume = str(run_dir)
     return run_cfg, ckpt, checkpoint
+
+
+def rebase_caches(run_cfg: DictConfig, cache_dir: Path) -> None:
+    """Move a resumed run's caches to this command's cache folder (``cache_dir``, from
+    TLUNET_CACHE_DIR or its default), which may differ from the one it started with (a
+    cluster job's scratch, another working directory): ``data.cache_dir`` and
+    ``data.synthetic_cache`` that lay under the run's ``paths.cache_dir``, and a phantom
+    ``data.root`` under its ``data.synthetic_cache``, keep their place below the new folder (the
+    caches are reused or rebuilt there; phantoms are written again, the same bytes). A cache
+    the run kept elsewhere is left as it is, for :func:`tlunet.targets.check_write_paths`."""
+    old = (run_cfg.get("paths") or {}).get("cache_dir")
+    data = run_cfg.get("data")
+    if not isinstance(old, str) or data is None:
+        return
+    old_root, new_root = Path(old).expanduser().resolve(), cache_dir.expanduser().resolve()
+    if old_root == new_root:
+        return
+
+    def rebased(value: Any, old: Path, new: Path) -> str | None:
+        if not isinstance(value, str) or not value.strip() or "://" in value:
+            return None
+        path = Path(value).expanduser().resolve()
+        return str(new / path.relative_to(old)) if path.is_relative_to(old) else None
+
+    phantoms = data.get("synthetic_cache")
+    for key in ("cache_dir", "synthetic_cache"):
+        moved = rebased(data.get(key), old_root, new_root)
+        if moved is not None:
+            data[key] = moved
+    if isinstance(phantoms, str) and data.get("synthetic_cache") != phantoms:
+        old_phantoms = Path(phantoms).expanduser().resolve()
+        moved = rebased(data.get("root"), old_phantoms, Path(str(data.synthetic_cache)))
+        if moved is not None:
+            data.root = moved
+    run_cfg.paths.cache_dir = str(new_root)
 
 
 #: Config keys that do not change what a run computes: left out of ``config_hash``.

@@ -228,14 +228,15 @@ _WRITE_KEYS = ("dirpath", "save_dir", "path", "default_root_dir", "log_dir", "ru
 
 
 def _local_path(value: str) -> Path | None:
-    """The local file-system path a string names (``/...``, ``~...``, ``file:``, ``sqlite:``
-    URIs), or None."""
+    """The local file-system path a string names (``/...``, ``~...``, a relative path, taken
+    from the working directory, ``file:`` and ``sqlite:`` URIs), or None (an empty string, a
+    remote URI such as ``http://host``)."""
     for scheme in ("sqlite:///", "file://"):
         if value.startswith(scheme):
             return Path("/" + value[len(scheme) :].lstrip("/"))
-    if value.startswith(("/", "~")):
-        return Path(value).expanduser()
-    return None
+    if not value.strip() or "://" in value:
+        return None
+    return Path(value).expanduser()
 
 
 def check_write_paths(

@@ -227,8 +227,9 @@ def test_a_checkpoint_builds_nothing_outside_its_run_config() -> None:
 
 
 def test_a_resumed_run_writes_only_into_its_folder_the_outputs_and_the_cache(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path / "..")  # a relative path is taken from the working directory
     run, outputs, cache = tmp_path / "outputs/runs/r", tmp_path / "outputs", tmp_path / "cache"
     config = {
         "callbacks": {"model_checkpoint": {"dirpath": f"{run}/checkpoints"}},
@@ -245,6 +246,8 @@ def test_a_resumed_run_writes_only_into_its_folder_the_outputs_and_the_cache(
         ("logger", "mlflow", "tracking_uri", f"sqlite:///{tmp_path}/elsewhere/lab.db"),
         ("trainer", None, "default_root_dir", "/etc"),
         ("data", None, "cache_dir", f"{tmp_path}/elsewhere"),
+        ("callbacks", "model_checkpoint", "dirpath", "elsewhere/checkpoints"),
+        ("data", None, "synthetic_cache", f"{tmp_path.name}/cache/../elsewhere"),
     ]
     for place, node, key, value in bad:
         tampered = copy.deepcopy(config)
@@ -253,3 +256,38 @@ def test_a_resumed_run_writes_only_into_its_folder_the_outputs_and_the_cache(
         with pytest.raises(ConfigError, match="lies outside") as raised:
             check_write_paths(tampered, "config.yaml", [run, outputs], cache)
         assert key in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_resumed_run_keeps_its_caches_under_this_commands_cache_folder(tmp_path: Path) -> None:
+    """TLUNET_CACHE_DIR may differ when a run is resumed (a cluster job's scratch): the caches
+    it kept under its paths.cache_dir, and a phantom data.root under its synthetic cache, move
+    below the new folder; a cache kept elsewhere stays, for check_write_paths to judge."""
+    from omegaconf import OmegaConf
+
+    from tlunet.run import rebase_caches
+
+    old, new = tmp_path / "old-cache", tmp_path / "new-cache"
+    run_cfg = OmegaConf.create(
+        {
+            "paths": {"cache_dir": str(old)},
+            "data": {
+                "cache_dir": f"{old}/slices",
+                "synthetic_cache": f"{old}/synthetic",
+                "root": f"{old}/synthetic/SYN_12_abc",
+            },
+        }
+    )
+    rebase_caches(run_cfg, new)
+    assert run_cfg.paths.cache_dir == str(new)
+    assert run_cfg.data.cache_dir == f"{new}/slices"
+    assert run_cfg.data.synthetic_cache == f"{new}/synthetic"
+    assert run_cfg.data.root == f"{new}/synthetic/SYN_12_abc"
+    check_write_paths(run_cfg, "config.yaml", [tmp_path / "run"], new)
+
+    elsewhere = OmegaConf.create(
+        {"paths": {"cache_dir": str(old)}, "data": {"cache_dir": "/scratch/x", "root": "/d/k"}}
+    )
+    rebase_caches(elsewhere, new)
+    assert elsewhere.data.cache_dir == "/scratch/x" and elsewhere.data.root == "/d/k"
+    with pytest.raises(ConfigError, match="data.cache_dir=/scratch/x, which lies outside"):
+        check_write_paths(elsewhere, "config.yaml", [tmp_path / "run"], new)
