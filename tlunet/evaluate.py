@@ -58,6 +58,7 @@ from tlunet.precision import checkpoint_precision
 from tlunet.runfolder import holds_evaluation_folder
 from tlunet.scoring import scoring_info, threshold_masks, to_native
 from tlunet.stats import global_dice_ci, mean_ci
+from tlunet.stops import check as check_stop
 from tlunet.utils import (
     csv_text,
     environment_info,
@@ -328,6 +329,7 @@ def _collect(
             callback.description = f"Predicting stage={stage}" + (" (+ flip)" if tta else "")
     with extra_callback(trainer, PredictionCollector(tta)) as collector:
         trainer.test(module, dataloaders=loader, verbose=False)
+        check_stop()  # a SIGTERM Lightning noted during the pass: no partial results
     return collector
 
 

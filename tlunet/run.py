@@ -396,6 +396,7 @@ def _fit_test_write(cfg: DictConfig) -> dict[str, Any]:
             module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False
         )  # the command prints its own table (tlunet.summary)
         test_time = time.perf_counter() - started
+        check_stop()  # a SIGTERM Lightning noted during the test: no metrics.json
         logged = results[0] if results else {}
         # Full-precision values from the metric itself; the logged copies are float32.
         metrics = {

@@ -292,3 +292,44 @@ def test_the_requeue_settings_reach_submitit(slurm, monkeypatch) -> None:
     assert ret.status == JobStatus.COMPLETED
     assert seen["init"]["cluster"] == "slurm" and seen["init"]["slurm_max_num_timeout"] == 3
     assert seen["parameters"]["slurm_signal_delay_s"] == 120
+
+
+class SigtermWhileTesting:
+    """A Lightning callback that sends SIGTERM to this process as the test ends, after its last batch
+    (what a cluster's time limit does at any moment)."""
+
+    def __new__(cls):  # a pl.Callback, built lazily so that the module imports no Lightning
+        import pytorch_lightning as pl
+
+        class _Callback(pl.Callback):
+            def on_test_end(self, *args, **kwargs) -> None:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return _Callback()
+
+
+def test_sigterm_while_the_run_tests_is_no_success(
+    synthetic_root: Path, tmp_path: Path, capsys
+) -> None:
+    """SIGTERM during the test after training: exit 143 with the stop line, no metrics.json
+    (the test's metrics are of part of the test set)."""
+    from tlunet import run
+
+    out = tmp_path / "run"
+    cfg = compose_config(
+        [
+            *TINY_RUN,
+            f"data.root={synthetic_root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"paths.output_dir={out}",
+            "+callbacks.sigterm._target_=tests.unit.test_stops.SigtermWhileTesting",
+        ]
+    )
+    with pytest.raises(SystemExit) as exited:
+        user_errors_exit(run.train)(cfg)
+    err = capsys.readouterr().err
+    assert exited.value.code == 128 + signal.SIGTERM, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("tlunet error")]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0], err[-3000:]
+    assert f"resume={out}" in lines[0]
+    assert not (out / "metrics.json").exists()
