@@ -40,6 +40,25 @@ def _hydra_subdir(output_dir: str, subdir: str, command: str) -> str | None:
 OmegaConf.register_new_resolver("tlunet.hydra_subdir", _hydra_subdir, replace=True)
 
 
+def _log_file(output_dir: str, name: str, command: str) -> str:
+    from tlunet.runfolder import log_file
+
+    return log_file(output_dir, name, command)
+
+
+def _resume_dir(resume: object) -> str:
+    from tlunet.runfolder import resume_dir
+
+    return resume_dir(resume)
+
+
+# ${tlunet.log_file:${hydra:runtime.output_dir},train.log,train}: Hydra's log file, or the null
+# device where the command will be refused (no log started in a folder that is not its own).
+OmegaConf.register_new_resolver("tlunet.log_file", _log_file, replace=True)
+# ${tlunet.resume_dir:${resume}}: the resumed run's folder, noting whether it existed before.
+OmegaConf.register_new_resolver("tlunet.resume_dir", _resume_dir, replace=True)
+
+
 def _phantom_folder(settings: object) -> str:
     from tlunet.data.synthetic import phantom_folder_name  # here: imported when data=synthetic
 

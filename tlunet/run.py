@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +24,13 @@ from tlunet.errors import ConfigError
 from tlunet.metrics import PER_PATIENT_KEYS
 from tlunet.models import count_parameters
 from tlunet.models.aux_head import upgrade_state_dict
-from tlunet.runfolder import RUN_FILES, describe, detach_log_files, writing_folder
+from tlunet.runfolder import (
+    RUN_FILES,
+    describe,
+    detach_log_files,
+    made_for_resume,
+    writing_folder,
+)
 from tlunet.scoring import scoring_info
 from tlunet.stops import check as check_stop
 from tlunet.stops import reports_stops
@@ -63,10 +68,11 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
         )
     stored = run_dir / "config.yaml"
     if not stored.is_file():
-        # Hydra made the folder for this command (a mistyped path): leave nothing behind.
-        if {p.name for p in run_dir.iterdir()} <= {".hydra-resumed", "train.log"}:
-            detach_log_files(run_dir)
-            shutil.rmtree(run_dir, ignore_errors=True)
+        # Nothing was written there (no .hydra-resumed/, the log went to the null device); a
+        # folder Hydra made for this command (a mistyped path) goes again.
+        detach_log_files(run_dir)
+        if made_for_resume(run_dir) and not any(run_dir.iterdir()):
+            run_dir.rmdir()
         raise ConfigError(f"resume='{cfg.resume}' holds no config.yaml: it is not a tlunet run.")
     if (run_dir / "metrics.json").exists():
         raise ConfigError(f"The run in '{run_dir}' is complete (metrics.json exists).")

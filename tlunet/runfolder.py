@@ -78,21 +78,52 @@ def in_use(folder: Path) -> bool:
     return False
 
 
+def refused_here(output_dir: str | Path, command: str) -> bool:
+    """Whether ``command`` (``train``, ``resume`` or ``evaluate``) will be refused in the folder
+    ``output_dir``: another process writes into it (:func:`in_use`); it holds another
+    command's results (:func:`held_results`); for ``resume``, it is no run (no ``config.yaml``)
+    or a complete one (``metrics.json``)."""
+    folder = Path(output_dir)
+    if in_use(folder):
+        return True
+    if command == "resume":
+        return not (folder / "config.yaml").is_file() or (folder / "metrics.json").is_file()
+    return bool(held_results(folder, runs=command == "evaluate"))
+
+
 def hydra_subdir(output_dir: str, subdir: str, command: str) -> str | None:
     """Hydra's ``output_subdir`` for ``command`` (``train``, ``resume`` or ``evaluate``) writing
     into ``output_dir``: ``subdir`` (Hydra writes its ``config.yaml``, ``hydra.yaml`` and
-    ``overrides.yaml`` there), or ``None`` (Hydra writes none) when the command will be refused
-    there: another process writes into the folder (:func:`in_use`), the folder holds another
-    command's results (:func:`held_results`; for ``resume``, the run is complete). The other
-    command's Hydra files stay as they were."""
-    folder = Path(output_dir)
-    if in_use(folder):
-        return None
-    if command == "resume":
-        refused = (folder / "metrics.json").is_file()
-    else:
-        refused = bool(held_results(folder, runs=command == "evaluate"))
-    return None if refused else subdir
+    ``overrides.yaml`` there), or ``None`` (Hydra writes none) where the command will be
+    refused (:func:`refused_here`). The other command's Hydra files stay as they were."""
+    return None if refused_here(output_dir, command) else subdir
+
+
+def log_file(output_dir: str, name: str, command: str) -> str:
+    """The file Hydra's log handler opens for ``command`` in ``output_dir``: ``<output_dir>/
+    <name>``, or the null device where the command will be refused (:func:`refused_here`): a
+    refused command starts no log in a folder that is not its own (another run's, a user's)."""
+    return os.devnull if refused_here(output_dir, command) else str(Path(output_dir) / name)
+
+
+#: The folders ``resume=`` named, and whether each existed before Hydra made its run folder
+#: (``tlunet.resume_dir``, resolved with ``hydra.run.dir`` before Hydra creates it).
+_RESUME_FOLDERS: dict[str, bool] = {}
+
+
+def resume_dir(resume: Any) -> str:
+    """``resume`` as ``hydra.run.dir`` of a resumed run, noting whether that folder existed
+    (:func:`made_for_resume`); ``""`` when no run is resumed."""
+    if not resume:
+        return ""
+    path = str(resume)
+    _RESUME_FOLDERS.setdefault(str(Path(path).expanduser().resolve()), Path(path).exists())
+    return path
+
+
+def made_for_resume(folder: Path) -> bool:
+    """Whether ``folder`` did not exist before this command: Hydra made it for ``resume=``."""
+    return _RESUME_FOLDERS.get(str(Path(folder).expanduser().resolve())) is False
 
 
 def describe(held: list[str], limit: int = 4) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_RUN, cli_env, run_cli
+from tests.conftest import TINY_RUN, cli_env, run_cli, tree_snapshot
 
 EPOCHS = 5
 #: A tiny run with augmentation, every stage, deterministic algorithms and several epochs.
@@ -170,6 +170,10 @@ def test_resume_mistakes(case: str, message: str, tmp_path: Path) -> None:
             },
             run_dir / "checkpoints" / "last.ckpt",
         )
+    if case == "no_config":  # a folder of the user's, with a log of its own
+        (run_dir / "train.log").write_text("the user's log\n")
+        (run_dir / "notes.txt").write_text("the user's notes\n")
+    before = tree_snapshot(run_dir) if run_dir.exists() else None
     if case == "moved":
         (run_dir / "config.yaml").write_text("paths:\n  output_dir: /elsewhere/run\n")
         torch.save(
@@ -182,6 +186,8 @@ def test_resume_mistakes(case: str, message: str, tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr and "pwned" not in out.stdout
     if case == "missing":  # Hydra's folder for the mistyped path is not left behind
         assert not run_dir.exists()
+    if case == "no_config":  # nothing written there: no .hydra-resumed/, no log lines
+        assert tree_snapshot(run_dir) == before
 
 
 def test_sampler_order_and_augmentations_are_functions_of_seed_and_epoch(

@@ -19,7 +19,7 @@ from tests.conftest import compose_config
 from tlunet.errors import ConfigError
 from tlunet.export import check_output
 from tlunet.run import check_resume_network, check_resume_split, run_folder_writer
-from tlunet.runfolder import LOCK_FILE, FolderLock, hydra_subdir
+from tlunet.runfolder import LOCK_FILE, FolderLock, hydra_subdir, log_file
 from tlunet.slices import run_prediction
 from tlunet.utils import atomic_path, is_atomic_temporary
 
@@ -242,3 +242,20 @@ def test_resume_refuses_data_that_splits_otherwise() -> None:
     assert "'/data/kaggle_3m' splits otherwise than when 'last.ckpt' was saved" in message
     assert "moved: C (train -> val), D (val -> train); added: F (train), G (test); " in message
     assert "removed: E (was test)" in message and "two validation sets" in message
+
+
+def test_a_refused_command_starts_no_log_and_no_hydra_folder(tmp_path: Path) -> None:
+    """resume= of a folder that is no run, or of a complete run, and a training or an
+    evaluation into a folder holding results: Hydra's log goes to the null device and it
+    writes no .hydra/ there."""
+    user = tmp_path / "user"
+    user.mkdir()
+    assert log_file(str(user), "train.log", "resume") == os.devnull
+    assert hydra_subdir(str(user), ".hydra-resumed", "resume") is None
+    assert log_file(str(user), "train.log", "train") == str(user / "train.log")
+    (user / "config.yaml").write_text("a: run\n")
+    assert log_file(str(user), "train.log", "resume") == str(user / "train.log")
+    assert log_file(str(user), "evaluate.log", "evaluate") == os.devnull  # it holds a run
+    (user / "metrics.json").write_text("{}")
+    assert log_file(str(user), "train.log", "resume") == os.devnull  # complete
+    assert log_file(str(user), "train.log", "train") == os.devnull
