@@ -211,7 +211,9 @@ def stop_message(signum: int, run_dir: Path | None) -> str:
 # --- out of memory ---------------------------------------------------------------------------
 
 #: Messages of allocation failures that torch raises as a plain RuntimeError.
-_CPU_OOM = ("DefaultCPUAllocator: can't allocate memory",)
+#: A DataLoader worker killed with SIGKILL: the kernel's (or a cgroup's) out-of-memory killer,
+#: in practice (``scancel`` and time limits send SIGTERM first).
+_CPU_OOM = ("DefaultCPUAllocator: can't allocate memory", "is killed by signal: Killed")
 _GPU_OOM = ("CUDA out of memory", "MPS backend out of memory", "HIP out of memory")
 
 

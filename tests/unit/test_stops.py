@@ -110,6 +110,8 @@ CPU_OOM = (
             RuntimeError("Caught RuntimeError in DataLoader worker process 0.\n" + CPU_OOM),
             "CPU RAM",
         ),
+        (RuntimeError("DataLoader worker (pid 4321) is killed by signal: Killed. "), "CPU RAM"),
+        (RuntimeError("DataLoader worker (pid 4321) is killed by signal: Aborted. "), None),
         (RuntimeError("shapes cannot be multiplied"), None),
     ],
 )
