@@ -26,7 +26,6 @@ from tlunet.models import count_parameters
 from tlunet.models.aux_head import upgrade_state_dict
 from tlunet.runfolder import (
     RUN_FILES,
-    describe,
     detach_log_files,
     made_for_resume,
     writing_folder,
@@ -36,7 +35,13 @@ from tlunet.stops import check as check_stop
 from tlunet.stops import reports_stops
 from tlunet.targets import check_stored_config, check_write_paths
 from tlunet.tracking import log_config, log_results
-from tlunet.utils import csv_text, environment_info, write_json_atomic, write_text_atomic
+from tlunet.utils import (
+    csv_text,
+    environment_info,
+    names_and_more,
+    write_json_atomic,
+    write_text_atomic,
+)
 from tlunet.viz import plot_training_curves
 
 log = logging.getLogger(__name__)
@@ -220,7 +225,7 @@ def run_folder_writer(cfg: DictConfig) -> Iterator[None]:
 
     def refusal(folder: Path, held: list[str]) -> str:
         return (
-            f"'{folder}' holds another run's results ({describe(held)}), which a new training "
+            f"'{folder}' holds another run's results ({names_and_more(held, 4)}), which a new training "
             f"there would replace: continue that run with resume={folder} (if it stopped "
             "early), or train into a new folder (leave hydra.run.dir unset)."
         )
@@ -278,12 +283,6 @@ def check_resume_network(
         )
 
 
-def _names(items: list[str], limit: int = 8) -> str:
-    return ", ".join(items[:limit]) + (
-        f" and {len(items) - limit} more" if len(items) > limit else ""
-    )
-
-
 def check_resume_split(ckpt: Path, checkpoint: dict[str, Any], datamodule: Any) -> None:
     """Refuse to resume on data that splits otherwise than when ``ckpt`` was saved (patients
     added to or removed from ``data.root`` re-split it): the resumed run would pick its best
@@ -312,7 +311,7 @@ def check_resume_split(ckpt: Path, checkpoint: dict[str, Any], datamodule: Any) 
     added = [f"{p} ({now[p]})" for p in sorted(now.keys() - before.keys())]
     removed = [f"{p} (was {before[p]})" for p in sorted(before.keys() - now.keys())]
     parts = [
-        f"{what}: {_names(items)}"
+        f"{what}: {names_and_more(items, 8)}"
         for what, items in (("moved", moved), ("added", added), ("removed", removed))
         if items
     ]

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tlunet.errors import ConfigError
-from tlunet.utils import is_atomic_temporary
+from tlunet.utils import is_atomic_temporary, names_and_more
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,6 @@ def resume_dir(resume: Any) -> str:
 def made_for_resume(folder: Path) -> bool:
     """Whether ``folder`` did not exist before this command: Hydra made it for ``resume=``."""
     return _RESUME_FOLDERS.get(str(Path(folder).expanduser().resolve())) is False
-
-
-def describe(held: list[str], limit: int = 4) -> str:
-    """``held`` (file names) for a message: the first ``limit`` and how many more."""
-    shown = ", ".join(held[:limit])
-    return shown + (f" and {len(held) - limit} more" if len(held) > limit else "")
 
 
 class FolderLock:
@@ -315,7 +309,7 @@ def holds_evaluation_folder(evaluate: Callable[..., Any]) -> Callable[..., Any]:
             )
             return (
                 f"'{folder}' holds {'a training run' if run else 'another evaluation'} "
-                f"({describe(held)}), whose files an evaluation there would replace: an "
+                f"({names_and_more(held, 4)}), whose files an evaluation there would replace: an "
                 "evaluation writes into a folder of its own. Leave hydra.run.dir unset "
                 "(outputs/evaluations/<date>_<time>_<stage>) or name a new folder."
             )
