@@ -12,8 +12,6 @@ import hydra
 from omegaconf import DictConfig
 
 from tlunet.cli import user_errors_exit
-from tlunet.run import train
-from tlunet.summary import print_run_summary
 from tlunet.sweeps import register_plugins
 
 log = logging.getLogger(__name__)
@@ -23,6 +21,11 @@ register_plugins()  # -m: the sweeper that accounts for every job (tlunet.sweeps
 @hydra.main(version_base="1.3", config_path="pkg://tlunet.conf", config_name="train")
 @user_errors_exit
 def main(cfg: DictConfig) -> float | None:
+    # Imported once the config is composed: a mistyped key or override is reported before
+    # torch and Lightning load (seconds, not the 10-20 s of their import).
+    from tlunet.run import train
+    from tlunet.summary import print_run_summary
+
     result = train(cfg)
     print_run_summary(result)
     return result["best_score"]  # what a Hydra sweeper (e.g. Optuna) optimises
