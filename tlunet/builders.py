@@ -12,7 +12,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tlunet.callbacks import AtomicCheckpointIO
 from tlunet.errors import ConfigError
 from tlunet.models import MODELS
 
@@ -65,6 +64,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[A
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.accelerator)
     if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto"):
         torch.set_float32_matmul_precision("high")
+    from tlunet.callbacks import AtomicCheckpointIO  # here: inference never loads the callbacks
+
     overrides = {}
     if cfg.trainer.get("sync_batchnorm") and cfg.trainer.accelerator == "cpu":
         log.warning("trainer.sync_batchnorm needs CUDA (torch's SyncBatchNorm): off on the CPU.")
