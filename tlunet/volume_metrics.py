@@ -15,6 +15,16 @@ from scipy import ndimage
 from tlunet.overlap import dice_from_counts, iou_from_counts
 
 
+def _crop_to_both(*masks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``masks`` cut to the bounding box of their union. Outside it every mask is empty, as the
+    border outside the array counts in :func:`_surface`, so the surfaces and the distances
+    between them are exactly those of the whole arrays, for the cost of the box (a tumour is a
+    few percent of a volume; figures in BENCHMARKS.md)."""
+    union = np.logical_or.reduce(masks)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(union))
+    return tuple(m[box] for m in masks)
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Voxels of ``mask`` with at least one face-neighbour outside it."""
     return mask & ~ndimage.binary_erosion(
@@ -42,6 +52,7 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = 
         return float("nan")
     if not pred.any() or not truth.any():
         return float("inf")
+    pred, truth = _crop_to_both(pred, truth)
     sp, st = _surface(pred), _surface(truth)
     to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
     to_truth = ndimage.distance_transform_edt(~st, sampling=spacing)
