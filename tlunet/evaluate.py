@@ -223,6 +223,11 @@ def patient_tables(
         if not per_patient:
             continue
         dice, iou = dice_iou(pred, truth)
+        confusion = (
+            int(np.count_nonzero(pred & truth)),
+            int(np.count_nonzero(pred & ~truth)),
+            int(np.count_nonzero(~pred & truth)),
+        )
         patients.append(
             [
                 names[pid],
@@ -234,15 +239,10 @@ def patient_tables(
                 hd95(pred, truth),
                 volume_similarity(pred, truth),
                 bool(detected.any()),
+                *confusion,
             ]
         )
-        counts.append(
-            (
-                np.count_nonzero(pred & truth),
-                np.count_nonzero(pred & ~truth),
-                np.count_nonzero(~pred & truth),
-            )
-        )
+        counts.append(confusion)
     if not per_patient:
         return [], slices, dict.fromkeys(PATIENT_SUMMARY_KEYS)
     hd = np.array([r[6] for r in patients], dtype=np.float64)
@@ -273,6 +273,11 @@ def patient_tables(
 
 
 #: Keys :func:`patient_tables` adds to the metrics (``None`` under ``split=paper``).
+#: per_patient.csv's confusion counts over the patient's native-resolution pixels (true
+#: positives, false positives, false negatives): a global Dice over any set of patients is
+#: computed from them exactly (tlunet.study pools folds with them).
+PATIENT_COUNT_COLUMNS = ("tp_pixels", "fp_pixels", "fn_pixels")
+
 PATIENT_SUMMARY_KEYS = (
     "hd95_per_patient",
     "hd95_per_patient_median",
@@ -645,6 +650,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                     "hd95_px",
                     "volume_similarity",
                     "detected",
+                    *PATIENT_COUNT_COLUMNS,
                 ],
                 patients,
             ),

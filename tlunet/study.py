@@ -195,10 +195,15 @@ def pooled_metrics(pooled: Path) -> dict[str, Any]:
     bootstrap 95 % intervals over patients."""
     rows = _read_rows(pooled / "per_patient.csv")
     dice = np.array([float(r["dice"]) for r in rows])
-    true = np.array([float(r["tumour_pixels_true"]) for r in rows])
-    pred = np.array([float(r["tumour_pixels_pred"]) for r in rows])
-    tp = dice * (true + pred) / 2  # Dice = 2TP / (true + pred)
-    fp, fn = pred - tp, true - tp
+    if all(r.get("tp_pixels") not in (None, "") for r in rows):
+        tp, fp, fn = (
+            np.array([float(r[k]) for r in rows]) for k in ("tp_pixels", "fp_pixels", "fn_pixels")
+        )
+    else:  # an evaluation written before per_patient.csv held the counts: from the Dice
+        true = np.array([float(r["tumour_pixels_true"]) for r in rows])
+        pred = np.array([float(r["tumour_pixels_pred"]) for r in rows])
+        tp = np.round(dice * (true + pred) / 2)  # Dice = 2TP / (true + pred)
+        fp, fn = pred - tp, true - tp
     low, high = mean_ci(dice)
     g_low, g_high = global_dice_ci(tp, fp, fn)
     return {

@@ -14,7 +14,7 @@ import tifffile
 import torch
 
 from tests.conftest import copy_patient_renamed, real_data_root, run_cli, train_tiny
-from tlunet.scoring import native_masks, to_native
+from tlunet.scoring import native_mask_tensor, to_native
 
 
 def test_to_native_resizes_each_slice_alone() -> None:
@@ -28,7 +28,7 @@ def test_to_native_resizes_each_slice_alone() -> None:
         assert torch.equal(to_native(probs[i : i + 1], (32, 48)), big[i : i + 1])
     # Half-pixel centres: a constant stays constant, and 2x upsampling of a step is symmetric.
     assert torch.allclose(to_native(torch.full((1, 1, 4, 4), 0.3), (8, 8)), torch.tensor(0.3))
-    masks = native_masks(probs, (32, 48), 0.5)
+    masks = native_mask_tensor(probs, (32, 48), 0.5)
     assert masks.dtype == torch.bool and torch.equal(masks, big >= 0.5)
     with pytest.raises(ValueError, match=r"\(N, 1, h, w\)"):
         to_native(probs[:, 0], (32, 32))
@@ -84,6 +84,7 @@ def check_native_scoring(run_dir: Path, root: Path, tmp_path: Path, *eval_overri
         dice = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
         assert int(row["tumour_pixels_pred"]) == pred_pixels, row
         assert float(row["dice"]) == dice, row  # exactly: the same masks
+        assert [int(row[k]) for k in ("tp_pixels", "fp_pixels", "fn_pixels")] == [tp, fp, fn]
     info = json.loads((eval_dir / "evaluation.json").read_text())
     size = list(tifffile.imread(next(root.glob("*/*_mask.tif"))).shape)
     assert info["scoring"]["resolution"] == size

@@ -156,6 +156,9 @@ def test_study_runs_pools_compares_and_resumes(synthetic_root_128: Path, tmp_pat
     assert summary["pooled"]["a"]["patients"] == 6 == summary["pooled"]["b"]["patients"]
     pooled = list(csv.DictReader(open(out / "a" / "pooled" / "per_patient.csv")))
     assert len({r["patient"] for r in pooled}) == 6  # every patient a test patient once
+    # The pooled global Dice from the patients' exact confusion counts.
+    tp, fp, fn = (sum(int(r[k]) for r in pooled) for k in ("tp_pixels", "fp_pixels", "fn_pixels"))
+    assert summary["pooled"]["a"]["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-12)
     assert summary["comparisons"]["b"]["dice"]["patients"] >= 1
     assert (out / "compare" / "a_vs_b" / "compare.md").is_file()
     text = (out / "study.md").read_text()
