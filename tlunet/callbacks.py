@@ -18,7 +18,7 @@ from tlunet.lightning_compat import (  # noqa: F401  (CSVLogger, ModelCheckpoint
     ModelCheckpoint,
     csv_rows,
 )
-from tlunet.scoring import native_masks
+from tlunet.scoring import native_mask_tensor
 from tlunet.utils import atomic_path, write_text_atomic
 from tlunet.viz import denormalize, plot_predictions
 
@@ -35,7 +35,7 @@ class PredictionFigure(pl.Callback):
     slice (the most brain in view). One row per patient is kept in memory. Where the batch has
     the masks at native resolution (``mask_native``) and the datamodule its decoded slices,
     the slice, mask and prediction are those scored: native size, probabilities resized then
-    thresholded (:func:`tlunet.scoring.native_masks`); otherwise the network's input.
+    thresholded (:func:`tlunet.scoring.native_mask_tensor`); otherwise the network's input.
     A failure to draw logs a warning: it never costs the run its test metrics.
     """
 
@@ -63,7 +63,9 @@ class PredictionFigure(pl.Callback):
         native = "mask_native" in batch and "row" in batch and decoded is not None
         if native:
             masks = batch["mask_native"][:, 0].cpu().numpy() > 0
-            preds = native_masks(outputs["probs"].cpu(), masks.shape[-2:], pl_module.threshold)
+            preds = native_mask_tensor(
+                outputs["probs"].cpu(), masks.shape[-2:], pl_module.threshold
+            )
             preds = preds[:, 0].numpy()
         else:
             masks = batch["mask"][:, 0].cpu().numpy() > 0

@@ -35,6 +35,16 @@ def suggest(name: str, choices: Iterable[str], n: int = 5) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
+def one_line(exc: BaseException, typed: bool = False) -> str:
+    """``exc``'s message on one line (whitespace runs joined); with ``typed``, prefixed with
+    its type (``ValueError: ...``) unless it is a :class:`JobFailed`, whose message is a
+    command's own ``tlunet error`` line. The exception's type name when it has no message."""
+    text = " ".join(str(exc).split())
+    if typed and text and not isinstance(exc, JobFailed):
+        text = f"{type(exc).__name__}: {text}"
+    return text or type(exc).__name__
+
+
 class JobFailed(Exception):
     """A job of a sweep stopped on a user error (its one-line message): raised instead of
     exiting the process, so that Hydra records the failure and the other jobs run."""

@@ -38,7 +38,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from tlunet.errors import ConfigError, DataError
+from tlunet.errors import ConfigError, DataError, one_line
 from tlunet.utils import atomic_path
 
 __all__ = [
@@ -75,10 +75,6 @@ PERCENTILES = (0.5, 99.5)
 LEVELS = (0.0, 145.0)
 _READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, TypeError, zlib.error)
 _SPATIAL_UNIT_TO_MM = {"mm": 1.0, "meter": 1000.0, "micron": 1e-3, "unknown": 1.0}
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def is_nifti(path: Path) -> bool:
@@ -139,7 +135,7 @@ def load_volume(path: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]
         image = nib.load(path)
         data = np.asarray(image.dataobj, dtype=np.float32)
     except _READ_ERRORS as exc:
-        raise DataError(f"Cannot read NIfTI file '{path}': {_one_line(exc)}") from None
+        raise DataError(f"Cannot read NIfTI file '{path}': {one_line(exc)}") from None
     if data.ndim < 3:
         raise DataError(
             f"NIfTI file '{path}' is {data.ndim}-D (shape {data.shape}); a 3-D volume is needed."

@@ -5,7 +5,7 @@ Every folder under DIR holding a ``run.json`` is a run (a single run, a multirun
 sweeps), and so is one that never got that far (a ``config.yaml`` beside ``.hydra/``, or a sweep
 job's ``job_status.json``): it is listed as incomplete or failed, with the reason, and is in no
 configuration's mean. ``report.csv`` has one row per run: model, encoder, split, seed, epochs, the test
-metrics (DESIGN.md names, fractions in [0, 1]), the best validation value, training time,
+metrics (the names of docs/metrics.md, fractions in [0, 1]), the best validation value, training time,
 parameters, and the paper's Table 1 values (as fractions) where comparable. ``report.md``
 groups runs that differ only in their seed into mean +- standard deviation, beside the paper.
 """

@@ -46,7 +46,7 @@ from tlunet.viz import plot_training_curves
 
 log = logging.getLogger(__name__)
 
-#: Test metrics every run writes to metrics.json (DESIGN.md names).
+#: Test metrics every run writes to metrics.json (their names: docs/metrics.md).
 REQUIRED_TEST_METRICS = (
     "test/dice",
     "test/iou",

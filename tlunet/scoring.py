@@ -47,9 +47,14 @@ def threshold_masks(probs: Tensor, threshold: float) -> Tensor:
 
 
 @torch.no_grad()
-def native_masks(probs: Tensor, size: Sequence[int], threshold: float) -> Tensor:
-    """:func:`to_native` then :func:`threshold_masks`: (N, 1, H, W) bool."""
+def native_mask_tensor(probs: Tensor, size: Sequence[int], threshold: float) -> Tensor:
+    """:func:`to_native` then :func:`threshold_masks`: (N, 1, H, W) bool; the tensor twin of
+    :func:`tlunet.resolution.native_masks` (numpy, (N, h, w))."""
     return threshold_masks(to_native(probs, size), threshold)
+
+
+#: The name of :func:`native_mask_tensor` until tlunet 0.3 (CHANGELOG.md); removed in 0.5.
+native_masks = native_mask_tensor
 
 
 def scoring_info(datamodule: Any, module: Any, threshold: float | None = None) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from tlunet.errors import TlunetError
+from tlunet.errors import TlunetError, one_line
 from tlunet.stops import Stopped, signal_name, stop_sweep
 from tlunet.utils import write_json_atomic, write_text_atomic
 
@@ -69,12 +69,9 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def one_line(exc: BaseException) -> str:
+def job_failure(exc: BaseException) -> str:
     """The reason a job failed, in one line: a tlunet error's message, else ``Type: message``."""
-    from tlunet.errors import JobFailed
-
-    text = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
-    return " ".join(text.split()) or type(exc).__name__
+    return one_line(exc, typed=True)
 
 
 class JobStatusCallback(Callback):
@@ -102,7 +99,7 @@ class JobStatusCallback(Callback):
         if job_return.status == JobStatus.COMPLETED:
             self._write(config, status="completed")
         else:
-            self._write(config, status="failed", error=one_line(job_return._return_value))
+            self._write(config, status="failed", error=job_failure(job_return._return_value))
         stop_sweep()  # told to stop (SIGTERM, Ctrl-C): no other job of this process starts
 
 
@@ -182,18 +179,18 @@ def account(
         if returned is not None and not died:
             if returned.status == JobStatus.COMPLETED:
                 continue
-            reason = one_line(returned._return_value)
+            reason = job_failure(returned._return_value)
         elif status.get("status") == "completed":
             continue
         elif status.get("status") == "failed":
             reason = status.get("error", "failed")
         elif status.get("status") == "running":
-            cause = f" ({one_line(returned._return_value)})" if died else ""
+            cause = f" ({job_failure(returned._return_value)})" if died else ""
             reason = f"started but never ended: killed, or its process died{cause}"
             if stopped_by and not died:
                 reason = f"had not ended when the sweep was stopped by {stopped_by}"
         else:
-            cause = f" ({one_line(returned._return_value)})" if died else ""
+            cause = f" ({job_failure(returned._return_value)})" if died else ""
             reason = f"never started{cause}"
             if stopped_by and not died:
                 reason = f"never started: the sweep was stopped by {stopped_by}"

@@ -24,8 +24,9 @@ class AccountingSweeper(BasicSweeper):
     same, and the process exits with 128 + the signal's number."""
 
     def sweep(self, arguments: list[str]) -> Any:
+        from tlunet.errors import one_line
         from tlunet.stops import Stopped, handled
-        from tlunet.sweeps import one_line, report_failures
+        from tlunet.sweeps import report_failures
 
         assert self.config is not None
         assert self.launcher is not None
@@ -55,7 +56,7 @@ class AccountingSweeper(BasicSweeper):
                 except Stopped as exc:  # the job statuses tell what ended, and how
                     stopped = exc
                 except Exception as exc:  # a launcher that gave up on the whole batch
-                    log.error("The launcher stopped: %s", one_line(exc))
+                    log.error("The launcher stopped: %s", one_line(exc, typed=True))
                 for i, overrides in enumerate(batch):
                     jobs.append((initial_job_idx + i, overrides, results[i]))
                 initial_job_idx += len(batch)

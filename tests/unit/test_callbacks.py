@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.demos.boring_classes import BoringModel
 
 from tlunet.callbacks import ModelCheckpoint, PredictionFigure
-from tlunet.scoring import native_masks
+from tlunet.scoring import native_mask_tensor
 
 
 def test_prediction_figure_rows(tmp_path: Path, monkeypatch) -> None:
@@ -84,7 +84,7 @@ def test_prediction_figure_draws_the_slices_as_scored(tmp_path: Path) -> None:
     ((image, truth, pred, *_),) = [row for _, row in fig._tumour.values()]
     assert image.shape == (16, 16, 3) and image[..., 1].max() == 77
     assert truth.shape == pred.shape == (16, 16) and truth.sum() == 64
-    expected = native_masks(probs, (16, 16), 0.5)[0, 0].numpy()
+    expected = native_mask_tensor(probs, (16, 16), 0.5)[0, 0].numpy()
     np.testing.assert_array_equal(pred, expected)
     assert 0 < pred.sum() < 64  # resized then thresholded: some found, some missed
     fig.on_test_epoch_end(trainer, SimpleNamespace(threshold=0.5))
