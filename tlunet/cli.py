@@ -155,6 +155,23 @@ def _report(message: str, status: int) -> None:
     sys.exit(status)
 
 
+def register_sweep_plugins() -> None:
+    """Make tlunet's sweeper and launchers known to Hydra (``Plugins.register``, Hydra's API
+    for it): Hydra finds plugins by listing the ``hydra_plugins`` folders on ``sys.path``,
+    which misses them in an editable install (``pip install -e .``: an import hook, no
+    folder). Idempotent."""
+    from hydra.core.plugins import Plugins
+
+    # The scan first: it executes Hydra's core plugin modules again, and the classes below must
+    # subclass the BasicSweeper it leaves (else super() fails).
+    registry = Plugins.instance()
+    import hydra_plugins.tlunet_sweeps as plugins
+
+    for name in ("AccountingSweeper", "LocalLauncher", "SlurmLauncher"):
+        if hasattr(plugins, name):
+            registry.register(getattr(plugins, name))
+
+
 def bench() -> None:
     """Console script ``tlunet-bench``: the benchmarks of a source checkout
     (``benchmarks/bench.py``, outside the package like timm's ``benchmark.py``), found from the
@@ -180,7 +197,9 @@ def bench() -> None:
             file=sys.stderr,
         )
         sys.exit(1)
-    sys.path.insert(0, str(repo))
-    from benchmarks.bench import cli
+    # Run as a script of the checkout (python -m benchmarks.bench), not imported as a library:
+    # the package never depends on a folder its wheel does not ship.
+    import runpy
 
-    cli()
+    sys.path.insert(0, str(repo))
+    runpy.run_module("benchmarks.bench", run_name="__main__", alter_sys=True)

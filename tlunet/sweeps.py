@@ -47,23 +47,6 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "job_status.json"
 
 
-def register_plugins() -> None:
-    """Make tlunet's sweeper and launchers known to Hydra (``Plugins.register``, Hydra's API
-    for it): Hydra finds plugins by listing the ``hydra_plugins`` folders on ``sys.path``,
-    which misses them in an editable install (``pip install -e .``: an import hook, no
-    folder). Idempotent."""
-    from hydra.core.plugins import Plugins
-
-    # The scan first: it executes Hydra's core plugin modules again, and the classes below must
-    # subclass the BasicSweeper it leaves (else super() fails).
-    registry = Plugins.instance()
-    import hydra_plugins.tlunet_sweeps as plugins
-
-    for name in ("AccountingSweeper", "LocalLauncher", "SlurmLauncher"):
-        if hasattr(plugins, name):
-            registry.register(getattr(plugins, name))
-
-
 def in_multirun() -> bool:
     """Whether this process runs a job of a Hydra sweep (``-m``)."""
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

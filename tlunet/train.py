@@ -11,11 +11,10 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from tlunet.cli import user_errors_exit
-from tlunet.sweeps import register_plugins
+from tlunet.cli import register_sweep_plugins, user_errors_exit
 
 log = logging.getLogger(__name__)
-register_plugins()  # -m: the sweeper that accounts for every job (tlunet.sweeps)
+register_sweep_plugins()  # -m: the sweeper that accounts for every job (tlunet.sweeps)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://tlunet.conf", config_name="train")

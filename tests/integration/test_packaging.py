@@ -35,9 +35,13 @@ COMMANDS = {
 }
 
 
+#: The code the import graph covers: the package, its Hydra plugins and the benchmarks.
+SOURCES = (PACKAGE, REPO / "hydra_plugins", REPO / "benchmarks")
+
+
 def _modules() -> dict[str, Path]:
     out = {}
-    for path in PACKAGE.rglob("*.py"):
+    for path in (p for source in SOURCES for p in source.rglob("*.py")):
         parts = path.relative_to(REPO).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         out[name] = path
@@ -106,7 +110,15 @@ def test_no_import_cycle_among_tlunet_modules() -> None:
     modules = _modules()
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     assert "tlunet.checkpoint" in graph["tlunet.evaluate"]  # the analysis sees imports
+    assert "tlunet.sweeps" in graph["hydra_plugins.tlunet_sweeps"]  # and the plugins'
+    assert "tlunet.evaluate" in graph["benchmarks.bench"]  # and the benchmarks'
     assert _cycles(graph) == []
+    # The package never imports the benchmarks (a wheel does not ship them).
+    assert not [
+        m
+        for m, deps in graph.items()
+        if m.startswith("tlunet") and any(d.startswith("benchmarks") for d in deps)
+    ]
 
 
 def test_every_command_has_its_console_script() -> None:
