@@ -139,6 +139,38 @@ def user_errors_exit(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def returns_status(fn: Callable[..., int]) -> Callable[..., int]:
+    """The argparse commands' form of :func:`user_errors_exit` (``main(argv) -> int``, whose
+    tests call them in-process): the same failures give the same one line on stderr, and the
+    status is returned instead of exiting. A user error: 1; out of memory: 1, its line naming
+    the batch; SIGTERM or Ctrl-C: 128 + the signal. argparse's own usage errors exit as
+    argparse does (2)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        quiet_third_party()
+        try:
+            with stops.handled():
+                return fn(*args, **kwargs)
+        except (stops.Stopped, KeyboardInterrupt) as raised:
+            stop = stops.as_stop(raised)
+            if stop is None:
+                raise
+            print(f"tlunet error: {stop}", file=sys.stderr)
+            return stop.exit_code
+        except Exception as raised:
+            exc = _user_error(raised)
+            if exc is None:
+                memory = stops.out_of_memory(raised)
+                if memory is None:
+                    raise
+                exc = stops.command_memory_message(*memory, args)
+            print(f"tlunet error: {exc}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
 def _report(message: str, status: int) -> None:
     """Print ``message`` (also into the run's log file) and exit with ``status``; in a job of a
     sweep, raise :class:`JobFailed` instead: Hydra records it, and the sweep goes on (or, when

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from tlunet.cli import returns_status
 from tlunet.errors import TlunetError
 from tlunet.stats import mean_ci, wilcoxon_p
 from tlunet.utils import write_json_atomic, write_text_atomic
@@ -248,6 +249,7 @@ def compare(path_a: str | Path, path_b: str | Path, output: str | Path | None = 
     return result
 
 
+@returns_status
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tlunet.compare", description=__doc__.split("\n\n")[0]
@@ -256,11 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("eval_b", help="evaluation directory of model B, on the same patients")
     parser.add_argument("--output", help="where to write compare.{json,md,png}")
     args = parser.parse_args(argv)
-    try:
-        result = compare(args.eval_a, args.eval_b, args.output)
-    except TlunetError as exc:
-        print(f"tlunet error: {exc}", file=sys.stderr)
-        return 1
+    result = compare(args.eval_a, args.eval_b, args.output)
     print(result["verdict"])
     print(f"Written to {result['output']}: compare.json, compare.md, compare.png")
     return 0

@@ -11,12 +11,13 @@ import sys
 
 import numpy as np
 
+from tlunet.cli import returns_status
 from tlunet.data.cache import decode_slices
 from tlunet.data.index import index_kaggle3m
-from tlunet.errors import TlunetError
 from tlunet.viz import plot_dataset_overview
 
 
+@returns_status
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tlunet.overview", description=__doc__)
     parser.add_argument("root", help="a kaggle_3m folder (one folder per patient)")
@@ -24,12 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=3, help="examples with and without tumour")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        records = index_kaggle3m(args.root)
-        decoded = decode_slices(records, args.root)
-    except TlunetError as exc:
-        print(f"tlunet error: {exc}", file=sys.stderr)
-        return 1
+    records = index_kaggle3m(args.root)
+    decoded = decode_slices(records, args.root)
     has = decoded.has_tumour
     patients = sorted({r.patient for r in records})
     print(

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tlunet.cli import returns_status
 from tlunet.errors import TlunetError
 from tlunet.paper import COMPARABLE, TABLE1, paper_label
 from tlunet.sweeps import read_job_status
@@ -383,16 +384,13 @@ def write_report(root: str | Path, output: str | Path | None = None) -> dict[str
     return files
 
 
+@returns_status
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tlunet.report", description=__doc__)
     parser.add_argument("root", help="a run or (multi)run directory, e.g. outputs/multiruns/<date>")
     parser.add_argument("--output", help="where to write the report (default: the directory)")
     args = parser.parse_args(argv)
-    try:
-        files = write_report(args.root, args.output)
-    except TlunetError as exc:
-        print(f"tlunet error: {exc}", file=sys.stderr)
-        return 1
+    files = write_report(args.root, args.output)
     for kind, path in files.items():
         print(f"{kind}: {path}")
     return 0

@@ -39,6 +39,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tlunet.cli import returns_status
 from tlunet.compare import compare
 from tlunet.errors import TlunetError
 from tlunet.stats import global_dice, global_dice_ci, mean_ci
@@ -357,6 +358,7 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@returns_status
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tlunet.study", description=__doc__.split("\n\n")[0]
@@ -374,29 +376,25 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="extra tlunet.train overrides for new runs (key=value)"
     )
     args = parser.parse_args(argv)
-    try:
-        spec = load_spec(args.study)
-        if not Path(args.data_root).is_dir():
-            raise TlunetError(f"--data-root '{args.data_root}' is not a folder.")
-        base = Path(os.environ.get("TLUNET_OUTPUT_DIR", "outputs"))
-        out = Path(args.out) if args.out else base / "studies" / spec["name"]
-        folds = [int(f) for f in args.folds.split(",")] if args.folds else None
-        arms = args.arms.split(",") if args.arms else None
-        command = "python -m tlunet.study " + shlex.join(sys.argv[1:] if argv is None else argv)
-        summary = run_study(
-            spec,
-            args.data_root,
-            out,
-            folds,
-            arms,
-            args.overrides,
-            args.jobs,
-            command,
-            run=not args.no_run,
-        )
-    except TlunetError as exc:
-        print(f"tlunet error: {exc}", file=sys.stderr)
-        return 1
+    spec = load_spec(args.study)
+    if not Path(args.data_root).is_dir():
+        raise TlunetError(f"--data-root '{args.data_root}' is not a folder.")
+    base = Path(os.environ.get("TLUNET_OUTPUT_DIR", "outputs"))
+    out = Path(args.out) if args.out else base / "studies" / spec["name"]
+    folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+    arms = args.arms.split(",") if args.arms else None
+    command = "python -m tlunet.study " + shlex.join(sys.argv[1:] if argv is None else argv)
+    summary = run_study(
+        spec,
+        args.data_root,
+        out,
+        folds,
+        arms,
+        args.overrides,
+        args.jobs,
+        command,
+        run=not args.no_run,
+    )
     print(f"Study written to {out}: study.md, study.json")
     for failure in summary["failures"]:
         print(f"failed: {failure}", file=sys.stderr)

@@ -335,3 +335,32 @@ def test_sigterm_while_the_run_tests_is_no_success(
     assert len(lines) == 1 and "stopped by SIGTERM" in lines[0], err[-3000:]
     assert f"resume={out}" in lines[0]
     assert not (out / "metrics.json").exists()
+
+
+def test_argparse_commands_fail_the_one_way(capsys) -> None:
+    """tlunet.cli.returns_status (report, compare, study, overview): a user error, running out
+    of memory and SIGTERM give the Hydra commands' one line, returned as the status."""
+    from tlunet.cli import returns_status
+    from tlunet.errors import DataError
+
+    def failing(error: BaseException):
+        @returns_status
+        def main(argv: list[str] | None = None) -> int:
+            raise error
+
+        return main
+
+    assert failing(DataError("No patient folder under '/d'."))([]) == 1
+    assert capsys.readouterr().err == "tlunet error: No patient folder under '/d'.\n"
+    assert failing(RuntimeError(CPU_OOM))([]) == 1
+    assert capsys.readouterr().err.startswith("tlunet error: ran out of CPU RAM (")
+
+    @returns_status
+    def terminated(argv: list[str] | None = None) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+
+    assert terminated([]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.startswith("tlunet error: stopped by SIGTERM")
+    with pytest.raises(ValueError, match="a bug"):  # anything else keeps its traceback
+        failing(ValueError("a bug"))([])

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             build_model("unet", name, args.weights)
         except TlunetError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"tlunet error: {exc}", file=sys.stderr)
             return 1
         print(f"cached: {name} ({args.weights})")
     return 0
