@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -334,56 +335,83 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _fit_test_write(cfg)
 
 
-def _fit_test_write(cfg: DictConfig) -> dict[str, Any]:
-    ckpt_path = None
-    resumed = None  # the checkpoint a resumed run continues from
+@dataclass
+class RunFolder:
+    """The folder a training writes and how it starts: ``cfg`` (a resumed run's own config),
+    ``ckpt_path`` and ``resumed`` (the checkpoint a resumed run continues from, loaded), and
+    whether this process writes the run's files (``writes``: rank 0 under DDP)."""
+
+    cfg: DictConfig
+    path: Path
+    ckpt_path: Path | None
+    resumed: dict[str, Any] | None
+    writes: bool
+
+
+def prepare_run_folder(cfg: DictConfig) -> RunFolder:
+    """The run's folder, made; a new run's ``config.yaml`` written and its old metrics log
+    removed; a resumed run's config, checkpoint and checks (:func:`resume_config`)."""
+    ckpt_path = resumed = None
     if cfg.get("resume"):
         cfg, ckpt_path, resumed = resume_config(cfg)
     check_monitor(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    is_zero = rank_zero_only.rank == 0  # under DDP, one process writes the run's files
+    writes = rank_zero_only.rank == 0  # under DDP, one process writes the run's files
     if ckpt_path is None:
-        if is_zero:
+        if writes:
             write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             (run_dir / "csv" / "metrics.csv").unlink(missing_ok=True)  # a new run, a new log
     else:
         log.info("Resuming the run in %s from %s", run_dir, ckpt_path)
-    pl.seed_everything(cfg.seed, workers=True)
+    return RunFolder(cfg, run_dir, ckpt_path, resumed, writes)
 
+
+def prepare_data(run: RunFolder) -> Any:
+    """The run's DataModule, indexed, validated and split before anything else is built (data
+    mistakes fail fast); a resumed run's split checked against its checkpoint; the slices
+    ``data.on_error=skip`` dropped listed in ``skipped_files.csv``."""
+    cfg = run.cfg
     datamodule = instantiate(cfg.data)
-    # Index, validate and split the data before building anything else: data mistakes fail fast.
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if resumed is not None:
-        check_resume_split(ckpt_path, resumed, datamodule)
+    if run.resumed is not None:
+        check_resume_split(run.ckpt_path, run.resumed, datamodule)
     skipped = getattr(datamodule, "skipped", None)
-    if skipped and is_zero:
+    if skipped and run.writes:
         write_text_atomic(
-            run_dir / "skipped_files.csv",
+            run.path / "skipped_files.csv",
             csv_text(["path", "reason"], [[p["path"], p["reason"]] for p in skipped]),
         )
         log.warning(
             "Skipped %d unusable slices (data.on_error=skip); listed in %s",
             len(skipped),
-            run_dir / "skipped_files.csv",
+            run.path / "skipped_files.csv",
         )
     if cfg.get("test", True):
         datamodule.require_stage("test")
+    return datamodule
+
+
+def _fit_test_write(cfg: DictConfig) -> dict[str, Any]:
+    run = prepare_run_folder(cfg)
+    cfg, run_dir = run.cfg, run.path
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = prepare_data(run)
     module = build_module(cfg)
-    if resumed is not None:
-        check_resume_network(ckpt_path, resumed, module, cfg)
-        if is_zero:  # the checks passed: the rows of the killed run's unfinished epoch go
+    if run.resumed is not None:
+        check_resume_network(run.ckpt_path, run.resumed, module, cfg)
+        if run.writes:  # the checks passed: the rows of the killed run's unfinished epoch go
             truncate_metrics_csv(
-                run_dir / "csv" / "metrics.csv", resumed["epoch"], resumed["global_step"]
+                run_dir / "csv" / "metrics.csv", run.resumed["epoch"], run.resumed["global_step"]
             )
-        resumed = None  # trainer.fit loads it again, with the trainer's state
+        run.resumed = None  # trainer.fit loads it again, with the trainer's state
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     log_config(trainer.loggers, OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=run.ckpt_path, weights_only=True)
     check_stop()  # a SIGTERM Lightning noted after its last check: no test
     # Over every resume: a resumed run adds the time its checkpoint had already spent.
     train_time = module.train_time_s()
@@ -412,22 +440,39 @@ def _fit_test_write(cfg: DictConfig) -> dict[str, Any]:
         if missing:
             log.warning("Test metrics missing from the run: %s", missing)
 
-    result = {
+    if run.writes:
+        times = {"train_time_s": train_time, "test_time_s": test_time}
+        write_results(run, trainer, module, datamodule, metrics, best_path, best_score, times)
+    return {
         "metrics": metrics,
         "best_score": best_score,
         "run_dir": str(run_dir),
         "synthetic": cfg.data.get("synthetic") is not None,
         "tested": "best checkpoint" if best_path else "last weights",
     }
-    if not is_zero:
-        return result
+
+
+def write_results(
+    run: RunFolder,
+    trainer: pl.Trainer,
+    module: Any,
+    datamodule: Any,
+    metrics: dict[str, float],
+    best_path: str,
+    best_score: float | None,
+    times: dict[str, float | None],
+) -> None:
+    """The run's files once it is tested: ``curves.png``, ``run.json`` (what was trained, on
+    what, how long, where from) and, last, ``metrics.json`` (its presence: the run is
+    complete); the headline and the files handed to the loggers."""
+    cfg, run_dir = run.cfg, run.path
     metrics_csv = run_dir / "csv" / "metrics.csv"
     if metrics_csv.exists():
         try:
             plot_training_curves(metrics_csv, run_dir / "curves.png")
         except Exception as exc:  # a figure must never cost the run's results
             log.warning("Could not draw the training curves: %s", exc)
-
+    test_time = times["test_time_s"]
     run_info = {
         "model": cfg.model.name,
         "encoder": cfg.encoder.name,
@@ -445,8 +490,8 @@ def _fit_test_write(cfg: DictConfig) -> dict[str, Any]:
         "monitor": cfg.monitor.metric,
         "best_score": best_score,
         "best_checkpoint": best_path or None,
-        "resumed_from": str(ckpt_path) if ckpt_path else None,
-        "train_time_s": round(train_time, 3),
+        "resumed_from": str(run.ckpt_path) if run.ckpt_path else None,
+        "train_time_s": round(times["train_time_s"], 3),
         "test_time_s": round(test_time, 3) if test_time is not None else None,
         "parameters": count_parameters(module),
         "config_hash": config_hash(cfg),
@@ -483,4 +528,3 @@ def _fit_test_write(cfg: DictConfig) -> dict[str, Any]:
         artifacts=[run_dir / n for n in ("metrics.json", "run.json", "config.yaml")]
         + ([Path(best_path)] if best_path else []),
     )
-    return result
