@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from tlunet.artifacts import EVALUATION_FILE, PER_PATIENT_FILE
 from tlunet.cli import returns_status
 from tlunet.errors import TlunetError
 from tlunet.stats import mean_ci, wilcoxon_p
@@ -41,7 +42,7 @@ def read_evaluation(path: Path) -> dict[str, Any]:
     """An evaluation directory's per-patient rows (by patient) and its metadata."""
     if not path.is_dir():
         raise TlunetError(f"'{path}' is not a folder: pass two tlunet.evaluate directories.")
-    table = path / "per_patient.csv"
+    table = path / PER_PATIENT_FILE
     if not table.is_file():
         raise TlunetError(
             f"'{path}' holds no per_patient.csv: not a tlunet.evaluate directory, or one of a "
@@ -62,8 +63,8 @@ def read_evaluation(path: Path) -> dict[str, Any]:
     if not patients:
         raise TlunetError(f"'{table}' lists no patients.")
     info: dict[str, Any] = {}
-    if (path / "evaluation.json").is_file():
-        info = json.loads((path / "evaluation.json").read_text())
+    if (path / EVALUATION_FILE).is_file():
+        info = json.loads((path / EVALUATION_FILE).read_text())
     return {"path": str(path), "patients": patients, "info": info}
 
 

@@ -42,6 +42,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
 
+from tlunet.artifacts import (
+    EVALUATION_FILE,
+    METRICS_FILE,
+    OPTIONS_FILE,
+    PER_PATIENT_COLUMNS,
+    PER_PATIENT_FILE,
+    PER_SLICE_COLUMNS,
+    PER_SLICE_FILE,
+    checkpoint_section,
+)
 from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
 from tlunet.cli import user_errors_exit
 from tlunet.data.synthetic import phantom_folder_name
@@ -273,11 +283,6 @@ def patient_tables(
 
 
 #: Keys :func:`patient_tables` adds to the metrics (``None`` under ``split=paper``).
-#: per_patient.csv's confusion counts over the patient's native-resolution pixels (true
-#: positives, false positives, false negatives): a global Dice over any set of patients is
-#: computed from them exactly (tlunet.study pools folds with them).
-PATIENT_COUNT_COLUMNS = ("tp_pixels", "fp_pixels", "fn_pixels")
-
 PATIENT_SUMMARY_KEYS = (
     "hd95_per_patient",
     "hd95_per_patient_median",
@@ -449,7 +454,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"eval.threshold={threshold_option} must be in (0, 1) or auto.")
 
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    stored = checkpoint.get("tlunet") or {}
+    stored = checkpoint_section(checkpoint)
     run_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
     for key, value in cfg.data.items():
         if value is not None:
@@ -629,36 +634,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "detect_accuracy",
     ]
     write_text_atomic(
-        out_dir / "options.csv",
+        out_dir / OPTIONS_FILE,
         csv_text(
             ["option", "threshold", *columns],
             [[name, thr, *[_cell(values[c]) for c in columns]] for name, thr, values in table],
         ),
     )
-    files = ["metrics.json", "evaluation.json", "options.csv", "per_slice.csv"]
+    files = [METRICS_FILE, EVALUATION_FILE, OPTIONS_FILE, PER_SLICE_FILE]
     if per_patient:
         write_text_atomic(
-            out_dir / "per_patient.csv",
+            out_dir / PER_PATIENT_FILE,
             csv_text(
-                [
-                    "patient",
-                    "slices",
-                    "tumour_pixels_true",
-                    "tumour_pixels_pred",
-                    "dice",
-                    "iou",
-                    "hd95_px",
-                    "volume_similarity",
-                    "detected",
-                    *PATIENT_COUNT_COLUMNS,
-                ],
+                PER_PATIENT_COLUMNS,
                 patients,
             ),
         )
-        files.insert(2, "per_patient.csv")
+        files.insert(2, PER_PATIENT_FILE)
     write_text_atomic(
-        out_dir / "per_slice.csv",
-        csv_text(["patient", "slice", "tumour_pixels_true", "tumour_pixels_pred", "dice"], slices),
+        out_dir / PER_SLICE_FILE,
+        csv_text(PER_SLICE_COLUMNS, slices),
     )
     info = {
         "checkpoint": str(Path(str(cfg.ckpt_path)).expanduser().resolve()),
@@ -686,8 +680,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "scoring": scoring_info(datamodule, module, threshold=table[-1][1]),
         "environment": environment_info(),
     }
-    write_json_atomic(out_dir / "evaluation.json", info)
-    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / EVALUATION_FILE, info)
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
     # Figures of the selected options (the last variant), drawn once every number is written.
     figures = []
     if per_patient:

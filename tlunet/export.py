@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from tlunet.artifacts import checkpoint_section
 from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
 from tlunet.cli import user_errors_exit
 from tlunet.errors import ConfigError, TlunetError
@@ -65,7 +66,7 @@ def export(cfg: DictConfig) -> Path:
     check_output(output, ckpt)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     module = module_from_checkpoint(checkpoint)
-    pre = (checkpoint.get("tlunet") or {}).get("preprocessing") or {}
+    pre = checkpoint_section(checkpoint).get("preprocessing") or {}
     size = int(pre.get("image_size", 256))
     net = module.net.eval()
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import tlunet
+from tlunet.artifacts import CHECKPOINT_SECTION, checkpoint_section
 from tlunet.data.fingerprint import FINGERPRINT
 from tlunet.errors import ConfigError
 from tlunet.metrics import SegmentationMetrics, prefixed
@@ -312,7 +313,7 @@ class SegmentationModule(pl.LightningModule):
                         sorted({*patients["train"], *patients["val"]})
                     ),
                 }
-        checkpoint["tlunet"] = {
+        checkpoint[CHECKPOINT_SECTION] = {
             "version": tlunet.__version__,
             "preprocessing": getattr(datamodule, "preprocessing", None),
             "patients": patients,
@@ -340,7 +341,7 @@ class SegmentationModule(pl.LightningModule):
         # resumed run computes what the uninterrupted one would have.
         # Checkpoints of tlunet < 0.3 keep the aux head beside the network: today's names.
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"], self.has_aux)
-        section = checkpoint.get("tlunet") or {}
+        section = checkpoint_section(checkpoint)
         state = section.get("rng")
         if self._trainer is not None and self.trainer.state.fn == "fit":
             if state:

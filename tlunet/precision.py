@@ -26,6 +26,7 @@ from pytorch_lightning.plugins.precision import (
 )
 
 from tlunet import builders
+from tlunet.artifacts import RUN_INFO_FILE, checkpoint_section
 from tlunet.builders import resolve_precision
 from tlunet.errors import ConfigError
 
@@ -66,7 +67,7 @@ def _run_json_precision(ckpt_path: Path) -> tuple[str, Path] | None:
     """``precision`` of ``<run>/run.json`` for a checkpoint in ``<run>/checkpoints/``."""
     if ckpt_path.parent.name != "checkpoints":
         return None
-    path = ckpt_path.parent.parent / "run.json"
+    path = ckpt_path.parent.parent / RUN_INFO_FILE
     try:
         value = json.loads(path.read_text()).get("precision")
     except (OSError, ValueError, AttributeError):
@@ -88,7 +89,7 @@ def checkpoint_precision(
     autocast; bf16 on a CPU without bf16 instructions (emulated, slow) is named in
     ``source``. Raises :class:`ConfigError` for a precision Lightning does not know."""
     ckpt_path = Path(str(ckpt_path)).expanduser()
-    stored = (checkpoint.get("tlunet") or {}).get("precision")
+    stored = checkpoint_section(checkpoint).get("precision")
     beside = None if stored else _run_json_precision(ckpt_path)
     config = (checkpoint.get("hyper_parameters") or {}).get("config") or {}
     configured = (config.get("trainer") or {}).get("precision")

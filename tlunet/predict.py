@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from tlunet.artifacts import checkpoint_section
 from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
 from tlunet.cli import user_errors_exit
 from tlunet.data.transforms import build_transform
@@ -50,7 +51,7 @@ def checkpoint_loader(cfg: DictConfig) -> tuple[Infer, float, bool]:
     """The checkpoint's network as an :data:`tlunet.slices.Infer`, its threshold (or
     ``cfg.threshold``) and whether it has the aux head."""
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    pre = (checkpoint.get("tlunet") or {}).get("preprocessing")
+    pre = checkpoint_section(checkpoint).get("preprocessing")
     if not pre:
         raise ConfigError(f"Checkpoint '{cfg.ckpt_path}' records no preprocessing.")
     module = module_from_checkpoint(checkpoint)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tlunet.artifacts import JOB_STATUS_FILE, METRICS_FILE, RUN_CONFIG_FILE, RUN_INFO_FILE
 from tlunet.cli import returns_status
 from tlunet.errors import TlunetError
 from tlunet.paper import COMPARABLE, TABLE1, paper_label
@@ -65,10 +66,10 @@ def _is_run_dir(folder: Path) -> bool:
     """A run directory: ``run.json`` (written when training ends), or, for a run that never got
     there, the ``config.yaml`` a run writes when it starts beside Hydra's ``.hydra/``, or the
     ``job_status.json`` of a sweep's job."""
-    if (folder / "run.json").is_file():
+    if (folder / RUN_INFO_FILE).is_file():
         return True
-    if (folder / "config.yaml").is_file():
-        return (folder / ".hydra").is_dir() or (folder / "job_status.json").is_file()
+    if (folder / RUN_CONFIG_FILE).is_file():
+        return (folder / ".hydra").is_dir() or (folder / JOB_STATUS_FILE).is_file()
     # A sweep job that stopped before writing config.yaml; a completed job without one wrote
     # its run elsewhere (resume=<run dir> through a sweep): not a run of its own.
     return read_job_status(folder).get("status") in ("failed", "running")
@@ -78,7 +79,7 @@ def find_runs(root: Path) -> list[Path]:
     """Run directories under ``root`` (:func:`_is_run_dir`, complete or not), sorted by path."""
     candidates = {root} | {
         p.parent
-        for name in ("run.json", "config.yaml", "job_status.json")
+        for name in (RUN_INFO_FILE, RUN_CONFIG_FILE, JOB_STATUS_FILE)
         for p in root.rglob(name)
     }
     return sorted(
@@ -100,7 +101,7 @@ def _info_from_config(run_dir: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     try:
-        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / RUN_CONFIG_FILE), resolve=False)
     except Exception:  # a damaged config: the row still says the run is incomplete
         return {}
     model, encoder, data = (cfg.get(k) or {} for k in ("model", "encoder", "data"))
@@ -133,9 +134,9 @@ def run_status(run_dir: Path, has_info: bool, has_metrics: bool) -> str:
 def load_run(run_dir: Path, root: Path) -> dict[str, Any]:
     """One report row from a run directory's ``run.json`` and ``metrics.json`` (for a run that
     never finished, from its ``config.yaml``)."""
-    has_info = (run_dir / "run.json").is_file()
-    info = _read_json(run_dir / "run.json") if has_info else _info_from_config(run_dir)
-    metrics_path = run_dir / "metrics.json"
+    has_info = (run_dir / RUN_INFO_FILE).is_file()
+    info = _read_json(run_dir / RUN_INFO_FILE) if has_info else _info_from_config(run_dir)
+    metrics_path = run_dir / METRICS_FILE
     metrics: dict[str, Any] = _read_json(metrics_path) if metrics_path.exists() else {}
     label = paper_label(info.get("model", ""), info.get("encoder", ""))
     row: dict[str, Any] = {

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from tlunet.artifacts import METRICS_FILE, RUN_CONFIG_FILE, RUN_INFO_FILE, checkpoint_section
 from tlunet.builders import _instantiate_dict, build_module, build_trainer
 from tlunet.callbacks import truncate_metrics_csv
 from tlunet.checkpoint import load_checkpoint, upgrade_config
@@ -72,7 +73,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
         raise ConfigError(
             f"resume='{cfg.resume}' is not a folder: pass a run directory (outputs/runs/<run>)."
         )
-    stored = run_dir / "config.yaml"
+    stored = run_dir / RUN_CONFIG_FILE
     if not stored.is_file():
         # Nothing was written there (no .hydra-resumed/, the log went to the null device); a
         # folder Hydra made for this command (a mistyped path) goes again.
@@ -80,7 +81,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
         if made_for_resume(run_dir) and not any(run_dir.iterdir()):
             run_dir.rmdir()
         raise ConfigError(f"resume='{cfg.resume}' holds no config.yaml: it is not a tlunet run.")
-    if (run_dir / "metrics.json").exists():
+    if (run_dir / METRICS_FILE).exists():
         raise ConfigError(f"The run in '{run_dir}' is complete (metrics.json exists).")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
@@ -113,7 +114,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any]]:
     check_write_paths(run_cfg, stored, here, Path(str(cfg.paths.cache_dir)).expanduser())
     if "epoch" not in checkpoint or "global_step" not in checkpoint:
         raise ConfigError(f"'{ckpt}' holds no training state (epoch, step): it cannot be resumed.")
-    if (checkpoint.get("tlunet") or {}).get("scoring") != "native":
+    if checkpoint_section(checkpoint).get("scoring") != "native":
         # Its best score, LR schedule and early-stopping counter are on another scale.
         raise ConfigError(
             f"The run in '{run_dir}' was made by tlunet before 0.2.0, which scored validation "
@@ -216,7 +217,7 @@ def run_folder_writer(cfg: DictConfig) -> Iterator[None]:
     resume = cfg.get("resume")
     if resume:
         folder = Path(str(resume)).expanduser().resolve()
-        if not (folder / "config.yaml").is_file():
+        if not (folder / RUN_CONFIG_FILE).is_file():
             yield  # not a run: resume_config says so
             return
         advice = "resume= continues a run once the process writing it has ended."
@@ -290,7 +291,7 @@ def check_resume_split(ckpt: Path, checkpoint: dict[str, Any], datamodule: Any) 
     checkpoint across two validation sets. Compares the patients of each stage with those the
     checkpoint records (``tlunet.patients``: train and val, and test where it records them);
     raises :class:`ConfigError` naming the patients that moved, were added and were removed."""
-    recorded = (checkpoint.get("tlunet") or {}).get("patients")
+    recorded = checkpoint_section(checkpoint).get("patients")
     if not recorded:
         log.warning(
             "'%s' records no patient lists: cannot check that the data splits as it did.", ckpt
@@ -360,7 +361,7 @@ def prepare_run_folder(cfg: DictConfig) -> RunFolder:
     writes = rank_zero_only.rank == 0  # under DDP, one process writes the run's files
     if ckpt_path is None:
         if writes:
-            write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            write_text_atomic(run_dir / RUN_CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
             (run_dir / "csv" / "metrics.csv").unlink(missing_ok=True)  # a new run, a new log
     else:
         log.info("Resuming the run in %s from %s", run_dir, ckpt_path)
@@ -508,10 +509,10 @@ def write_results(
         f"the run's checkpoints in '{run_dir / 'checkpoints'}' are intact; once the disk can "
         f"be written again, python -m tlunet.train resume={run_dir} writes the run's files"
     )
-    write_json_atomic(run_dir / "run.json", run_info, intact)
+    write_json_atomic(run_dir / RUN_INFO_FILE, run_info, intact)
     if metrics:
         # last: its presence = complete
-        write_json_atomic(run_dir / "metrics.json", metrics, intact)
+        write_json_atomic(run_dir / METRICS_FILE, metrics, intact)
     headline = next(
         (
             (k, metrics[k])
@@ -525,6 +526,6 @@ def write_results(
         run_dir,
         headline,
         figures=sorted(run_dir.glob("*.png")),
-        artifacts=[run_dir / n for n in ("metrics.json", "run.json", "config.yaml")]
+        artifacts=[run_dir / n for n in (METRICS_FILE, RUN_INFO_FILE, RUN_CONFIG_FILE)]
         + ([Path(best_path)] if best_path else []),
     )

@@ -26,6 +26,7 @@ from functools import wraps
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from tlunet.artifacts import EVALUATION_FILE, METRICS_FILE, RUN_CONFIG_FILE, RUN_INFO_FILE
 from tlunet.errors import ConfigError
 from tlunet.utils import is_atomic_temporary, names_and_more
 
@@ -35,20 +36,20 @@ LOCK_FILE = ".tlunet.lock"
 #: A command's results in a folder (beside a training run's checkpoints): a run's summary and
 #: test metrics, an evaluation's description and metrics. A folder holding any of them is never
 #: written into by another command.
-RESULT_FILES = ("run.json", "metrics.json", "evaluation.json")
+RESULT_FILES = (RUN_INFO_FILE, METRICS_FILE, EVALUATION_FILE)
 #: The files a training writes into its run folder (glob patterns relative to it), each through
 #: a temporary beside it (:func:`tlunet.utils.atomic_path`).
 RUN_FILES = (
     "checkpoints/*.ckpt",
     "csv/*",
-    "config.yaml",
-    "run.json",
-    "metrics.json",
+    RUN_CONFIG_FILE,
+    RUN_INFO_FILE,
+    METRICS_FILE,
     "skipped_files.csv",
     "*.png",
 )
 #: The files an evaluation writes into its folder.
-EVALUATION_FILES = ("metrics.json", "evaluation.json", "*.csv", "*.png")
+EVALUATION_FILES = (METRICS_FILE, EVALUATION_FILE, "*.csv", "*.png")
 
 
 def held_results(folder: Path, runs: bool = False) -> list[str]:
@@ -57,7 +58,7 @@ def held_results(folder: Path, runs: bool = False) -> list[str]:
     stopped before its first checkpoint). Empty for a new or empty folder."""
     folder = Path(folder)
     held = [f"checkpoints/{p.name}" for p in sorted((folder / "checkpoints").glob("*.ckpt"))]
-    names = (*RESULT_FILES, "config.yaml") if runs else RESULT_FILES
+    names = (*RESULT_FILES, RUN_CONFIG_FILE) if runs else RESULT_FILES
     return held + [name for name in names if (folder / name).is_file()]
 
 
@@ -87,7 +88,7 @@ def refused_here(output_dir: str | Path, command: str) -> bool:
     if in_use(folder):
         return True
     if command == "resume":
-        return not (folder / "config.yaml").is_file() or (folder / "metrics.json").is_file()
+        return not (folder / RUN_CONFIG_FILE).is_file() or (folder / METRICS_FILE).is_file()
     return bool(held_results(folder, runs=command == "evaluate"))
 
 
@@ -305,7 +306,7 @@ def holds_evaluation_folder(evaluate: Callable[..., Any]) -> Callable[..., Any]:
 
         def refusal(folder: Path, held: list[str]) -> str:
             run = any(
-                n.startswith("checkpoints/") or n in ("run.json", "config.yaml") for n in held
+                n.startswith("checkpoints/") or n in (RUN_INFO_FILE, RUN_CONFIG_FILE) for n in held
             )
             return (
                 f"'{folder}' holds {'a training run' if run else 'another evaluation'} "

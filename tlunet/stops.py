@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tlunet.artifacts import METRICS_FILE, RUN_CONFIG_FILE
 from tlunet.errors import TlunetError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -193,7 +194,7 @@ def stop_message(signum: int, run_dir: Path | None) -> str:
     ``last.ckpt`` and ``resume=<run>``; or, before the first epoch ended, that the run must
     start again."""
     name = signal_name(signum)
-    if run_dir is not None and (run_dir / "metrics.json").is_file():
+    if run_dir is not None and (run_dir / METRICS_FILE).is_file():
         return f"stopped by {name} after the run in '{run_dir}' was complete (metrics.json)"
     last, epochs = _last_checkpoint(run_dir)
     if last is None:
@@ -255,7 +256,7 @@ def _run_config(cfg: Any, run_dir: Path | None) -> Any:
         try:
             from omegaconf import OmegaConf
 
-            return OmegaConf.load(run_dir / "config.yaml")
+            return OmegaConf.load(run_dir / RUN_CONFIG_FILE)
         except Exception:
             pass
     return cfg

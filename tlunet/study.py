@@ -39,6 +39,14 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tlunet.artifacts import (
+    EVALUATION_FILE,
+    METRICS_FILE,
+    PER_PATIENT_FILE,
+    RUN_CONFIG_FILE,
+    RUN_INFO_FILE,
+    patient_counts,
+)
 from tlunet.cli import returns_status
 from tlunet.compare import compare
 from tlunet.errors import TlunetError
@@ -85,7 +93,7 @@ def train_command(
     spec: dict[str, Any], arm: str, fold: int, root: str, run_dir: Path, extra: list[str]
 ) -> list[str]:
     """The ``tlunet.train`` arguments of one run: started fresh, or resumed from last.ckpt."""
-    if (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if (run_dir / RUN_CONFIG_FILE).is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file():
         return ["tlunet.train", f"resume={run_dir}"]
     return [
         "tlunet.train",
@@ -106,16 +114,16 @@ def run_job(
     """Train (or resume, or skip) and evaluate one (arm, fold); a failure message or None."""
     run_dir = (out / arm / f"fold{fold}").resolve()
     log = out / "logs" / f"{arm}_fold{fold}.log"
-    if not (run_dir / "metrics.json").is_file():
+    if not (run_dir / METRICS_FILE).is_file():
         command = train_command(spec, arm, fold, root, run_dir, extra)
         print(f"[{time.strftime('%H:%M:%S')}] {arm} fold {fold}: {shlex.join(command)}", flush=True)
         status = _run(command, log)
-        if status != 0 or not (run_dir / "metrics.json").is_file():
+        if status != 0 or not (run_dir / METRICS_FILE).is_file():
             return f"{arm} fold {fold}: tlunet.train exited {status} (see {log})"
     eval_dir = run_dir / "evaluation"
-    if not (eval_dir / "per_patient.csv").is_file():
+    if not (eval_dir / PER_PATIENT_FILE).is_file():
         # On the device the run trained on: a GPU run's evaluation on the CPU is slow.
-        trainer = OmegaConf.load(run_dir / "config.yaml").get("trainer") or {}
+        trainer = OmegaConf.load(run_dir / RUN_CONFIG_FILE).get("trainer") or {}
         accelerator = "gpu" if trainer.get("accelerator") in ("gpu", "cuda") else "cpu"
         status = _run(
             [
@@ -172,7 +180,7 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
 def pool(out: Path, arm: str, folds: list[int]) -> Path | None:
     """Concatenate the arm's per-fold ``per_patient.csv`` into ``<out>/<arm>/pooled/``;
     ``None`` unless every fold is evaluated."""
-    tables = [out / arm / f"fold{k}" / "evaluation" / "per_patient.csv" for k in folds]
+    tables = [out / arm / f"fold{k}" / "evaluation" / PER_PATIENT_FILE for k in folds]
     if not all(t.is_file() for t in tables):
         return None
     rows = [row for t in tables for row in _read_rows(t)]
@@ -181,11 +189,9 @@ def pool(out: Path, arm: str, folds: list[int]) -> Path | None:
         raise TlunetError(f"Arm {arm}: a patient is a test patient of two folds: {names}")
     header = list(rows[0])
     pooled = out / arm / "pooled"
-    write_text_atomic(
-        pooled / "per_patient.csv", csv_text(header, [list(r.values()) for r in rows])
-    )
+    write_text_atomic(pooled / PER_PATIENT_FILE, csv_text(header, [list(r.values()) for r in rows]))
     write_json_atomic(
-        pooled / "evaluation.json",
+        pooled / EVALUATION_FILE,
         {"checkpoint": f"{arm}: folds {folds} pooled", "sources": [str(t) for t in tables]},
     )
     return pooled
@@ -194,17 +200,9 @@ def pool(out: Path, arm: str, folds: list[int]) -> Path | None:
 def pooled_metrics(pooled: Path) -> dict[str, Any]:
     """Mean and median per-patient Dice, global Dice (from the patients' pixel counts), with
     bootstrap 95 % intervals over patients."""
-    rows = _read_rows(pooled / "per_patient.csv")
+    rows = _read_rows(pooled / PER_PATIENT_FILE)
     dice = np.array([float(r["dice"]) for r in rows])
-    if all(r.get("tp_pixels") not in (None, "") for r in rows):
-        tp, fp, fn = (
-            np.array([float(r[k]) for r in rows]) for k in ("tp_pixels", "fp_pixels", "fn_pixels")
-        )
-    else:  # an evaluation written before per_patient.csv held the counts: from the Dice
-        true = np.array([float(r["tumour_pixels_true"]) for r in rows])
-        pred = np.array([float(r["tumour_pixels_pred"]) for r in rows])
-        tp = np.round(dice * (true + pred) / 2)  # Dice = 2TP / (true + pred)
-        fp, fn = pred - tp, true - tp
+    tp, fp, fn = (np.array(c) for c in patient_counts(rows))
     low, high = mean_ci(dice)
     g_low, g_high = global_dice_ci(tp, fp, fn)
     return {
@@ -224,10 +222,10 @@ def summarise(spec: dict[str, Any], out: Path, folds: list[int], arms: list[str]
         for fold in folds:
             run_dir = out / arm / f"fold{fold}"
             row: dict[str, Any] = {"arm": arm, "fold": fold, "complete": False}
-            metrics_file = run_dir / "evaluation" / "metrics.json"
-            if metrics_file.is_file() and (run_dir / "run.json").is_file():
+            metrics_file = run_dir / "evaluation" / METRICS_FILE
+            if metrics_file.is_file() and (run_dir / RUN_INFO_FILE).is_file():
                 metrics = json.loads(metrics_file.read_text())
-                info = json.loads((run_dir / "run.json").read_text())
+                info = json.loads((run_dir / RUN_INFO_FILE).read_text())
                 row |= {
                     "complete": True,
                     "test_patients": metrics.get("test/num_patients"),

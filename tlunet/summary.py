@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tlunet.artifacts import METRICS_FILE, RUN_CONFIG_FILE, RUN_INFO_FILE
+
 #: The test metrics shown, most telling first, with what each computes (the full definitions
 #: are in ``tlunet.metrics`` and docs/metrics.md).
 HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
@@ -70,7 +72,7 @@ def print_run_summary(result: Mapping[str, Any], console: Console | None = None)
     run_dir = Path(result["run_dir"])
     files = [
         name
-        for name in ("metrics.json", "run.json", "config.yaml", "predictions.png", "curves.png")
+        for name in (METRICS_FILE, RUN_INFO_FILE, RUN_CONFIG_FILE, "predictions.png", "curves.png")
         if (run_dir / name).exists()
     ]
     console.print(

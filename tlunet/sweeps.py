@@ -38,13 +38,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from tlunet.artifacts import FAILED_JOBS_FILE, JOB_STATUS_FILE, METRICS_FILE, RUN_CONFIG_FILE
 from tlunet.errors import TlunetError, one_line
 from tlunet.stops import Stopped, signal_name, stop_sweep
 from tlunet.utils import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
-
-STATUS_FILE = "job_status.json"
 
 
 def in_multirun() -> bool:
@@ -71,9 +70,9 @@ class JobStatusCallback(Callback):
             **fields,
         }
         try:
-            write_json_atomic(job_dir / STATUS_FILE, status)
+            write_json_atomic(job_dir / JOB_STATUS_FILE, status)
         except Exception as exc:  # never let the bookkeeping cost a job
-            log.warning("Could not write %s: %s", job_dir / STATUS_FILE, exc)
+            log.warning("Could not write %s: %s", job_dir / JOB_STATUS_FILE, exc)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._write(config, status="running")
@@ -89,7 +88,7 @@ class JobStatusCallback(Callback):
 def read_job_status(job_dir: Path) -> dict[str, Any]:
     """The ``job_status.json`` of ``job_dir``, or ``{}`` when it has none (or an unreadable one)."""
     try:
-        status = json.loads((job_dir / STATUS_FILE).read_text())
+        status = json.loads((job_dir / JOB_STATUS_FILE).read_text())
     except (OSError, ValueError):
         return {}
     return status if isinstance(status, dict) else {}
@@ -98,7 +97,7 @@ def read_job_status(job_dir: Path) -> dict[str, Any]:
 def read_statuses(sweep_dir: Path) -> dict[int, dict[str, Any]]:
     """``job number -> job_status.json`` (plus ``dir``) of the jobs under ``sweep_dir``."""
     found: dict[int, dict[str, Any]] = {}
-    for path in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
+    for path in sorted(sweep_dir.glob(f"*/{JOB_STATUS_FILE}")):
         status = read_job_status(path.parent)
         try:
             found[int(status["job"])] = {**status, "dir": str(path.parent)}
@@ -118,7 +117,7 @@ def report_failures(
     by = signal_name(stopped.signum) if stopped is not None else None
     failed = account(sweep_dir, jobs, by)
     if not failed:
-        (sweep_dir / "failed_jobs.txt").unlink(missing_ok=True)  # an earlier sweep's
+        (sweep_dir / FAILED_JOBS_FILE).unlink(missing_ok=True)  # an earlier sweep's
         print(f"All {len(jobs)} jobs of the sweep in '{sweep_dir}' completed.")
         return
     why = f" (the sweep was stopped by {by})" if by else ""
@@ -127,7 +126,7 @@ def report_failures(
         f"did not complete{why}:\n" + "\n".join(f"  {line}" for line in failed)
     )
     try:
-        write_text_atomic(sweep_dir / "failed_jobs.txt", report + "\n")
+        write_text_atomic(sweep_dir / FAILED_JOBS_FILE, report + "\n")
     except TlunetError:  # a full disk: the list is printed below all the same
         pass
     sys.stdout.flush()
@@ -256,7 +255,7 @@ def requeue_overrides(overrides: Sequence[str], run_dir: Path) -> list[str] | No
     ``hydra.sweep.subdir=<its folder>`` (the job writes into the same folder) with only the
     overrides of where and how it runs; the same ``overrides`` when the run has no
     ``last.ckpt`` yet (it starts again); ``None`` when it is complete (nothing to requeue)."""
-    if (run_dir / "metrics.json").is_file():
+    if (run_dir / METRICS_FILE).is_file():
         return None
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         return list(overrides)
@@ -293,7 +292,7 @@ def requeue_submission(
         hydra_cfg = HydraConfig.get()
         if str(hydra_cfg.job.get("num")) == str(job_num):
             run_dir = Path(str(hydra_cfg.runtime.output_dir))
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
+    if run_dir is not None and (run_dir / RUN_CONFIG_FILE).is_file():
         overrides = requeue_overrides(sweep_overrides, run_dir)
     if overrides is None:
         log.warning("Job #%d is complete: not requeued", job_num)
