@@ -27,7 +27,6 @@ real data (a warning says so): nothing is ever written into a data folder.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -424,9 +423,25 @@ def synthetic_data(data: DictConfig, root_given: bool, cache_dir: str) -> None:
     log.info("The checkpoint's synthetic phantoms: %s", data.root)
 
 
-@holds_evaluation_folder
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path`` on ``cfg.stage``; write the files; return the metrics."""
+@dataclass
+class EvalOptions:
+    """What ``eval.*`` asks for, checked: flip TTA, 3D post-processing (parsed, and as given),
+    the threshold (``None``: the checkpoint's; a number; ``"auto"``: tuned on validation)."""
+
+    tta: str | None
+    postprocess: tuple[str, int] | None
+    postprocess_text: Any
+    threshold: Any
+    allow_seen_patients: bool
+
+    @property
+    def selected(self) -> str:
+        """The probabilities the selected options use: with flip TTA or without."""
+        return "tta" if self.tta == "flip" else "plain"
+
+
+def eval_options(cfg: DictConfig) -> EvalOptions:
+    """The command's options, each checked before anything loads (one line per mistake)."""
     if not cfg.ckpt_path:
         raise ConfigError(
             "ckpt_path is not set: pass ckpt_path=outputs/runs/<run>/checkpoints/best.ckpt"
@@ -452,7 +467,33 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             fixed = -1.0
         if not 0 < fixed < 1:
             raise ConfigError(f"eval.threshold={threshold_option} must be in (0, 1) or auto.")
+    return EvalOptions(
+        tta,
+        postprocess,
+        options.get("postprocess"),
+        threshold_option,
+        bool(options.get("allow_seen_patients", False)),
+    )
 
+
+@dataclass
+class EvalData:
+    """The checkpoint and the data it is evaluated on: its record, the run's config with the
+    command's data settings, the DataModule set up with the checkpoint's preprocessing, the
+    evaluated patients and which of them the model has seen."""
+
+    checkpoint: dict[str, Any]
+    run_cfg: DictConfig
+    datamodule: Any
+    evaluated: list[str]
+    seen: dict[str, Any] | None
+    per_patient: bool
+
+
+def evaluation_data(cfg: DictConfig, options: EvalOptions) -> EvalData:
+    """Load the checkpoint (safely), set up its data for ``cfg.stage`` and refuse patients the
+    model trained or validated on (unless ``eval.allow_seen_patients``), before the model is
+    built."""
     checkpoint = load_checkpoint(cfg.ckpt_path)
     stored = checkpoint_section(checkpoint)
     run_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
@@ -473,9 +514,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "data.fold needs data.num_folds (the checkpoint was not trained with folds)."
         )
     per_patient = run_cfg.data.get("split") != "paper"
-    if postprocess is not None and not per_patient:
+    if options.postprocess is not None and not per_patient:
         raise ConfigError(
-            f"eval.postprocess={options.get('postprocess')} works on patient volumes, which a "
+            f"eval.postprocess={options.postprocess_text} works on patient volumes, which a "
             "slice-level split (data.split=paper) does not have: drop it or evaluate a "
             "patient split."
         )
@@ -485,21 +526,29 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "%s records no preprocessing: image size and normalisation follow its config.",
             cfg.ckpt_path,
         )
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     # The model's own input: image size, mean and std from the checkpoint, never recomputed.
     datamodule = instantiate(run_cfg.data, preprocessing=preprocessing or None)
     datamodule.prepare_data()
     datamodule.setup("test")
     if cfg.stage == "all":  # every slice of the data, without augmentation
-        everything = copy.copy(datamodule.datasets["test"])
-        everything.rows = np.arange(len(datamodule.records), dtype=np.int64)
-        datamodule.datasets["all"] = everything
+        datamodule.add_stage_of_every_slice("all")
     datamodule.require_stage(cfg.stage)
     evaluated = datamodule.patients if cfg.stage == "all" else datamodule.stage_patients(cfg.stage)
-    # Seen patients: by name, and by content (a renamed copy) where the checkpoint records
-    # fingerprints of its training and validation patients.
+    seen = check_seen_patients(cfg, options, stored, datamodule, evaluated, per_patient)
+    return EvalData(checkpoint, run_cfg, datamodule, evaluated, seen, per_patient)
+
+
+def check_seen_patients(
+    cfg: DictConfig,
+    options: EvalOptions,
+    stored: dict[str, Any],
+    datamodule: Any,
+    evaluated: list[str],
+    per_patient: bool,
+) -> dict[str, Any] | None:
+    """The evaluated patients the model trained or validated on, by name and by content (a
+    renamed copy) where the checkpoint records fingerprints (:func:`seen_patients`); refused
+    unless ``eval.allow_seen_patients``; ``None`` when the checkpoint records no patients."""
     recorded_fingerprints = (stored.get("patient_fingerprints") or {}).get("patients")
     seen = seen_patients(
         stored.get("patients"),
@@ -507,7 +556,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         recorded_fingerprints,
         datamodule.patient_fingerprints(evaluated) if recorded_fingerprints else None,
     )
-    allow_seen = bool(options.get("allow_seen_patients", False))
     if seen is None:
         log.warning(
             "%s does not record its training patients: cannot check that the %d evaluated "
@@ -523,7 +571,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             cfg.ckpt_path,
         )
     renamed = 0 if seen is None else sum(p["matched_by"] == "content" for p in seen["patients"])
-    if seen is not None and seen["count"] and not allow_seen:
+    if seen is not None and seen["count"] and not options.allow_seen_patients:
         raise ConfigError(
             f"{seen['count']} of the {seen['evaluated']} patients of stage={cfg.stage} were used "
             f"to train ({seen['train']}) or validate ({seen['val']}) this model"
@@ -542,11 +590,29 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 else ""
             )
         )
+    return seen
 
-    module = module_from_checkpoint(checkpoint, run_cfg)
+
+@dataclass
+class ModelPass:
+    """The model's passes over the evaluated stage: the module, the precision it ran in, the
+    Trainer, the patient volumes of probabilities (``plain``, and ``tta`` with flip TTA) and
+    the run's own metrics of the plain pass (``baseline``)."""
+
+    module: Any
+    precision: Any
+    trainer: pl.Trainer
+    sources: dict[str, Any]
+    baseline: dict[str, Any]
+
+
+def run_model(cfg: DictConfig, options: EvalOptions, data: EvalData) -> ModelPass:
+    """Build the model from the checkpoint and run it over ``cfg.stage`` in the precision its
+    run computed in (or ``precision=``), keeping every prediction."""
+    module = module_from_checkpoint(data.checkpoint, data.run_cfg)
     # The run's precision by default: the run's own test is reproduced (docs/evaluation.md).
     precision = checkpoint_precision(
-        checkpoint, cfg.ckpt_path, cfg.accelerator, cfg.get("precision"), "precision"
+        data.checkpoint, cfg.ckpt_path, cfg.accelerator, cfg.get("precision"), "precision"
     )
     log.info("Running the model in %s: %s", precision.precision, precision.source)
     trainer = pl.Trainer(
@@ -559,132 +625,94 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         enable_model_summary=False,
         precision=precision.precision,
     )
-    datamodule.trainer = trainer  # data.pin_memory=null: pinned when evaluating on CUDA
-    loader = datamodule.dataloader(cfg.stage, shuffle=False)
-    collector = _collect(trainer, module, loader, tta == "flip", cfg.stage)
+    data.datamodule.trainer = trainer  # data.pin_memory=null: pinned when evaluating on CUDA
+    loader = data.datamodule.dataloader(cfg.stage, shuffle=False)
+    collector = _collect(trainer, module, loader, options.tta == "flip", cfg.stage)
     baseline = {**trainer.callback_metrics, **module.epoch_metrics["test"]}
-    names = datamodule.patients
     sources = {"plain": collector.volumes()}
-    if tta == "flip":
+    if options.tta == "flip":
         sources["tta"] = collector.volumes(tta=True)
-    selected = "tta" if tta == "flip" else "plain"
+    return ModelPass(module, precision, trainer, sources, baseline)
 
-    # Thresholds: the checkpoint's, a given number, or (auto) tuned on the validation stage on
-    # exactly the probabilities and post-processing of the row that uses it.
+
+def choose_thresholds(
+    options: EvalOptions, data: EvalData, model: ModelPass
+) -> tuple[dict[tuple[str, Any], tuple[float, float]], dict[tuple[str, Any], Any]]:
+    """With ``eval.threshold=auto``: the threshold of the best validation Dice, tuned on
+    exactly the probabilities and post-processing of each row that uses it, and the curves
+    it was read from; else nothing to tune."""
     tuned: dict[tuple[str, Any], tuple[float, float]] = {}
     curves: dict[tuple[str, Any], tuple[np.ndarray, np.ndarray]] = {}
-    if threshold_option == "auto":
-        val = _collect(trainer, module, datamodule.dataloader("val"), tta == "flip", "val")
-        val_sources = {"plain": val.volumes()}
-        if tta == "flip":
-            val_sources["tta"] = val.volumes(tta=True)
-        for source, pp in {("plain", None), (selected, postprocess)}:
-            curves[(source, pp)] = tune_threshold(val_sources[source], pp)
-            tuned[(source, pp)] = pick_threshold(*curves[(source, pp)])
-            log.info(
-                "eval.threshold=auto for %s probabilities%s: %.2f (validation Dice %.4f)",
-                source,
-                f", {options.get('postprocess')}" if pp else "",
-                *tuned[(source, pp)],
-            )
+    if options.threshold != "auto":
+        return tuned, curves
+    flip = options.tta == "flip"
+    val = _collect(model.trainer, model.module, data.datamodule.dataloader("val"), flip, "val")
+    val_sources = {"plain": val.volumes()}
+    if flip:
+        val_sources["tta"] = val.volumes(tta=True)
+    for source, pp in {("plain", None), (options.selected, options.postprocess)}:
+        curves[(source, pp)] = tune_threshold(val_sources[source], pp)
+        tuned[(source, pp)] = pick_threshold(*curves[(source, pp)])
+        log.info(
+            "eval.threshold=auto for %s probabilities%s: %.2f (validation Dice %.4f)",
+            source,
+            f", {options.postprocess_text}" if pp else "",
+            *tuned[(source, pp)],
+        )
+    return tuned, curves
+
+
+def option_variants(
+    options: EvalOptions, threshold: float, tuned: dict[tuple[str, Any], tuple[float, float]]
+) -> list[tuple[str, str, float, Any]]:
+    """The rows of ``options.csv``: the baseline, every option alone, then all together (the
+    effect of each is visible), as (name, probabilities, threshold, post-processing)."""
 
     def threshold_for(source: str, pp: tuple[str, int] | None) -> float:
-        if threshold_option == "auto":
+        if options.threshold == "auto":
             return tuned[(source, pp)][0]
-        return module.threshold if threshold_option is None else float(threshold_option)
+        return threshold if options.threshold is None else float(options.threshold)
 
-    # Every option alone, then all together: the effect of each is visible.
-    variants = [("baseline", "plain", module.threshold, None)]
-    if tta == "flip":
-        variants.append(("tta=flip", "tta", module.threshold, None))
-    if postprocess is not None:
+    variants = [("baseline", "plain", threshold, None)]
+    if options.tta == "flip":
+        variants.append(("tta=flip", "tta", threshold, None))
+    if options.postprocess is not None:
         variants.append(
-            (f"postprocess={options.get('postprocess')}", "plain", module.threshold, postprocess)
+            (f"postprocess={options.postprocess_text}", "plain", threshold, options.postprocess)
         )
-    if threshold_option is not None:
+    if options.threshold is not None:
         variants.append(
-            (f"threshold={threshold_option}", "plain", threshold_for("plain", None), None)
+            (f"threshold={options.threshold}", "plain", threshold_for("plain", None), None)
         )
     if len(variants) > 2:
-        variants.append(
-            ("all selected", selected, threshold_for(selected, postprocess), postprocess)
-        )
-    table = []
-    for name, source, thr, pp in progress(variants, "Scoring"):
-        scored = score_volumes(sources[source], thr, pp)
-        values, patients, slices = volume_metrics(scored, names, per_patient)
-        table.append((name, thr, values))
+        selected, pp = options.selected, options.postprocess
+        variants.append(("all selected", selected, threshold_for(selected, pp), pp))
+    return variants
 
-    # metrics.json, per_patient.csv, per_slice.csv: the selected options (the last variant).
-    metrics: dict[str, Any] = {f"{cfg.stage}/{k}": v for k, v in table[-1][2].items()}
-    metrics[f"{cfg.stage}/loss"] = float(baseline["test/loss"])  # the model's, without options
-    if len(table) == 1:  # no option: exactly the run's own computation
-        metrics |= {k.replace("test/", f"{cfg.stage}/", 1): v for k, v in baseline.items()}
-    metrics = {k: (float(v) if v is not None else None) for k, v in metrics.items()}
-    metrics["seen_patients"] = None if seen is None else seen["count"]
-    columns = [
-        "dice",
-        "iou",
-        "dice_per_patient",
-        "dice_per_image",
-        "dice_keras_batch",
-        "hd95_per_patient",
-        "hd95_inf_patients",
-        "volume_similarity_per_patient",
-        "detect_accuracy",
-    ]
-    write_text_atomic(
-        out_dir / OPTIONS_FILE,
-        csv_text(
-            ["option", "threshold", *columns],
-            [[name, thr, *[_cell(values[c]) for c in columns]] for name, thr, values in table],
-        ),
-    )
-    files = [METRICS_FILE, EVALUATION_FILE, OPTIONS_FILE, PER_SLICE_FILE]
-    if per_patient:
-        write_text_atomic(
-            out_dir / PER_PATIENT_FILE,
-            csv_text(
-                PER_PATIENT_COLUMNS,
-                patients,
-            ),
-        )
-        files.insert(2, PER_PATIENT_FILE)
-    write_text_atomic(
-        out_dir / PER_SLICE_FILE,
-        csv_text(PER_SLICE_COLUMNS, slices),
-    )
-    info = {
-        "checkpoint": str(Path(str(cfg.ckpt_path)).expanduser().resolve()),
-        "stage": cfg.stage,
-        "data_root": str(run_cfg.data.root),
-        "split": run_cfg.data.get("split"),
-        "fold": run_cfg.data.get("fold") if run_cfg.data.get("num_folds") else None,
-        "patients": len(evaluated),
-        "seen_patients": seen,
-        "precision": precision.info(),
-        "options": {
-            "tta": tta,
-            "postprocess": options.get("postprocess"),
-            "threshold": threshold_option,
-            "selected_threshold": table[-1][1],
-            "tuned_on_validation": {
-                f"{source}{'+' + str(options.get('postprocess')) if pp else ''}": {
-                    "threshold": thr,
-                    "validation_dice": dice,
-                }
-                for (source, pp), (thr, dice) in tuned.items()
-            },
-        },
-        "preprocessing": datamodule.preprocessing,
-        "scoring": scoring_info(datamodule, module, threshold=table[-1][1]),
-        "environment": environment_info(),
-    }
-    write_json_atomic(out_dir / EVALUATION_FILE, info)
-    write_json_atomic(out_dir / METRICS_FILE, metrics)
-    # Figures of the selected options (the last variant), drawn once every number is written.
+
+@holds_evaluation_folder
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.stage``; write the files; return the metrics:
+    options -> data -> the model's passes -> thresholds -> scores -> files -> figures."""
+    options = eval_options(cfg)
+    data = evaluation_data(cfg, options)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = run_model(cfg, options, data)
+    tuned, curves = choose_thresholds(options, data, model)
+    names = data.datamodule.patients
+    table = []
+    for name, source, thr, pp in progress(
+        option_variants(options, model.module.threshold, tuned), "Scoring"
+    ):
+        scored = score_volumes(model.sources[source], thr, pp)
+        values, patients, slices = volume_metrics(scored, names, data.per_patient)
+        table.append((name, thr, values))
+    # The files and figures hold the selected options (the last row).
+    metrics = evaluation_metrics(cfg.stage, table, model.baseline, data.seen)
+    files = write_evaluation(cfg, options, data, model, table, tuned, metrics, patients, slices)
     figures = []
-    if per_patient:
+    if data.per_patient:
         figures += [
             (
                 "per_patient.png",
@@ -692,25 +720,116 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             ),
             (
                 "worst_patients.png",
-                lambda path: figure_worst_patients(scored, patients, names, datamodule, path),
+                lambda path: figure_worst_patients(scored, patients, names, data.datamodule, path),
             ),
         ]
     if curves:
         figures.append(
             (
                 "threshold.png",
-                lambda path: figure_threshold(curves, tuned, options, module.threshold, path),
+                lambda path: figure_threshold(
+                    curves, tuned, cfg.get("eval") or {}, model.module.threshold, path
+                ),
             )
         )
     files += [file for file, draw in figures if draw_figure(draw, out_dir / file)]
     log.info("Evaluation of %s on %s written to %s", cfg.ckpt_path, cfg.stage, out_dir)
-    if not per_patient:
+    if not data.per_patient:
         print(
             "data.split=paper: per-patient metrics, HD95, per_patient.csv and the per-patient "
             "figures are not applicable (a stage holds scattered slices of each patient)."
         )
     print(f"Evaluation written to {out_dir}: {', '.join(files)}")
     return metrics
+
+
+def evaluation_metrics(
+    stage: str, table: list[tuple[str, float, dict[str, Any]]], baseline: dict[str, Any], seen: Any
+) -> dict[str, Any]:
+    """metrics.json: the selected options' metrics (the last row of ``table``), the model's
+    loss (without options) and, with no option, exactly the run's own computation."""
+    metrics: dict[str, Any] = {f"{stage}/{k}": v for k, v in table[-1][2].items()}
+    metrics[f"{stage}/loss"] = float(baseline["test/loss"])  # the model's, without options
+    if len(table) == 1:  # no option: exactly the run's own computation
+        metrics |= {k.replace("test/", f"{stage}/", 1): v for k, v in baseline.items()}
+    metrics = {k: (float(v) if v is not None else None) for k, v in metrics.items()}
+    metrics["seen_patients"] = None if seen is None else seen["count"]
+    return metrics
+
+
+#: options.csv's metric columns, after the option's name and threshold.
+OPTION_COLUMNS = (
+    "dice",
+    "iou",
+    "dice_per_patient",
+    "dice_per_image",
+    "dice_keras_batch",
+    "hd95_per_patient",
+    "hd95_inf_patients",
+    "volume_similarity_per_patient",
+    "detect_accuracy",
+)
+
+
+def write_evaluation(
+    cfg: DictConfig,
+    options: EvalOptions,
+    data: EvalData,
+    model: ModelPass,
+    table: list[tuple[str, float, dict[str, Any]]],
+    tuned: dict[tuple[str, Any], tuple[float, float]],
+    metrics: dict[str, Any],
+    patients: list[list[Any]],
+    slices: list[list[Any]],
+) -> list[str]:
+    """Write options.csv, per_patient.csv (patient splits), per_slice.csv, evaluation.json and,
+    last, metrics.json into the command's folder; return their names in the order shown."""
+    out_dir = Path(cfg.paths.output_dir)
+    write_text_atomic(
+        out_dir / OPTIONS_FILE,
+        csv_text(
+            ["option", "threshold", *OPTION_COLUMNS],
+            [
+                [name, thr, *[_cell(values[c]) for c in OPTION_COLUMNS]]
+                for name, thr, values in table
+            ],
+        ),
+    )
+    files = [METRICS_FILE, EVALUATION_FILE, OPTIONS_FILE, PER_SLICE_FILE]
+    if data.per_patient:
+        write_text_atomic(out_dir / PER_PATIENT_FILE, csv_text(PER_PATIENT_COLUMNS, patients))
+        files.insert(2, PER_PATIENT_FILE)
+    write_text_atomic(out_dir / PER_SLICE_FILE, csv_text(PER_SLICE_COLUMNS, slices))
+    run_cfg = data.run_cfg
+    info = {
+        "checkpoint": str(Path(str(cfg.ckpt_path)).expanduser().resolve()),
+        "stage": cfg.stage,
+        "data_root": str(run_cfg.data.root),
+        "split": run_cfg.data.get("split"),
+        "fold": run_cfg.data.get("fold") if run_cfg.data.get("num_folds") else None,
+        "patients": len(data.evaluated),
+        "seen_patients": data.seen,
+        "precision": model.precision.info(),
+        "options": {
+            "tta": options.tta,
+            "postprocess": options.postprocess_text,
+            "threshold": options.threshold,
+            "selected_threshold": table[-1][1],
+            "tuned_on_validation": {
+                f"{source}{'+' + str(options.postprocess_text) if pp else ''}": {
+                    "threshold": thr,
+                    "validation_dice": dice,
+                }
+                for (source, pp), (thr, dice) in tuned.items()
+            },
+        },
+        "preprocessing": data.datamodule.preprocessing,
+        "scoring": scoring_info(data.datamodule, model.module, threshold=table[-1][1]),
+        "environment": environment_info(),
+    }
+    write_json_atomic(out_dir / EVALUATION_FILE, info)
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
+    return files
 
 
 def draw_figure(draw: Callable[[Path], Any], path: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -301,6 +302,13 @@ class LGGDataModule(pl.LightningDataModule):
         if stage == "test":
             advice += " (or train with test=false)"
         return f"The {self.split} split of '{self.root}' leaves the {stage} stage empty; {advice}."
+
+    def add_stage_of_every_slice(self, name: str = "all") -> None:
+        """A stage ``name`` holding every slice of the data, read as the test stage reads them
+        (no augmentation, native-resolution masks): ``tlunet.evaluate stage=all``."""
+        everything = copy.copy(self.datasets["test"])
+        everything.rows = np.arange(len(self.records), dtype=np.int64)
+        self.datasets[name] = everything
 
     def require_stage(self, stage: str) -> None:
         """Raise :class:`DataError` when ``stage`` (of the set-up datasets) holds no slice."""
