@@ -5,15 +5,17 @@ checkpoint loader of ``evaluate``/``predict``/``export``, and by the benchmark."
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tlunet.errors import ConfigError
 from tlunet.models import MODELS
+
+if TYPE_CHECKING:  # Lightning loads when a Trainer is built: inference never needs it
+    import pytorch_lightning as pl
 
 log = logging.getLogger(__name__)
 

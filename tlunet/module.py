@@ -20,6 +20,7 @@ from tlunet.data.fingerprint import FINGERPRINT
 from tlunet.errors import ConfigError
 from tlunet.metrics import SegmentationMetrics, prefixed
 from tlunet.models.aux_head import split_outputs, upgrade_state_dict
+from tlunet.models.runtime import network_input, prepare_network, probabilities
 from tlunet.scoring import to_native
 
 STAGES = ("train", "val", "test")
@@ -126,13 +127,7 @@ class SegmentationModule(pl.LightningModule):
             }
         )
         self.channels_last = bool(channels_last)
-        if self.channels_last:
-            self.net.to(memory_format=torch.channels_last)
-        if compile:
-            if isinstance(compile, DictConfig):
-                compile = OmegaConf.to_container(compile, resolve=True)
-            options = dict(compile) if isinstance(compile, dict) else {}
-            self.net.compile(**options)  # in place: parameter names unchanged
+        prepare_network(self.net, self.channels_last, compile)
 
     def set_run_config(self, run_config: dict[str, Any] | DictConfig | None) -> None:
         """Store the run's composed config in the hyperparameters (and so in checkpoints)."""
@@ -148,9 +143,7 @@ class SegmentationModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> Any:
         """The network's output for images (N, 3, H, W): logits (N, 1, H, W), or with the aux
         head ``(logits, label logits (N, 2))``."""
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        return self.net(network_input(images, self.channels_last))
 
     # -- encoder freezing -----------------------------------------------------------------
 
@@ -250,11 +243,7 @@ class SegmentationModule(pl.LightningModule):
     def predict_probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tumour probabilities (N, 1, S, S) and the aux head's slice probability (N,) (or
         ``None`` without a head) for normalised images (N, 3, S, S)."""
-        logits, aux_logits = split_outputs(self(images))
-        detect = None
-        if aux_logits is not None:
-            detect = torch.softmax(aux_logits.float(), dim=1)[:, 1]
-        return torch.sigmoid(logits.float()), detect
+        return probabilities(self(images))
 
     def _log_metrics(self, stage: str) -> None:
         metric = self.metrics[f"{stage}_metrics"]

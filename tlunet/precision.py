@@ -16,19 +16,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pytorch_lightning.plugins.precision import (
-    DoublePrecision,
-    HalfPrecision,
-    MixedPrecision,
-    Precision,
-)
+from typing import TYPE_CHECKING, Any
 
 from tlunet import builders
 from tlunet.artifacts import RUN_INFO_FILE, checkpoint_section
 from tlunet.builders import resolve_precision
 from tlunet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pytorch_lightning.plugins.precision import Precision
 
 #: Lightning precisions a checkpoint can be run in (plus ``mixed``, resolved for the machine).
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
@@ -127,6 +123,13 @@ def precision_plugin(precision: str, device: str) -> Precision:
     """Lightning's precision plugin for ``precision`` on ``device`` (``cpu``, ``cuda``), as
     ``pl.Trainer`` builds it: ``convert_module``, ``convert_input`` and ``forward_context``
     run a module outside a Trainer exactly as the Trainer's test loop does."""
+    from pytorch_lightning.plugins.precision import (
+        DoublePrecision,
+        HalfPrecision,
+        MixedPrecision,
+        Precision,
+    )
+
     if precision in ("bf16-mixed", "16-mixed"):
         return MixedPrecision(precision, "cpu" if device == "cpu" else "cuda")
     if precision in ("bf16-true", "16-true"):

@@ -37,11 +37,12 @@ import torch
 from omegaconf import DictConfig
 
 from tlunet.artifacts import checkpoint_section
-from tlunet.checkpoint import load_checkpoint, module_from_checkpoint
+from tlunet.checkpoint import load_checkpoint
 from tlunet.cli import user_errors_exit
 from tlunet.data.transforms import build_transform
 from tlunet.errors import ConfigError
-from tlunet.precision import checkpoint_precision, precision_plugin
+from tlunet.inference import ForwardPrecision, network_from_checkpoint
+from tlunet.precision import checkpoint_precision
 from tlunet.slices import Infer, run_prediction
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,13 @@ log = logging.getLogger(__name__)
 
 def checkpoint_loader(cfg: DictConfig) -> tuple[Infer, float, bool]:
     """The checkpoint's network as an :data:`tlunet.slices.Infer`, its threshold (or
-    ``cfg.threshold``) and whether it has the aux head."""
+    ``cfg.threshold``) and whether it has the aux head. Runs through :mod:`tlunet.inference`:
+    the network alone, without the training module or Lightning."""
     checkpoint = load_checkpoint(cfg.ckpt_path)
     pre = checkpoint_section(checkpoint).get("preprocessing")
     if not pre:
         raise ConfigError(f"Checkpoint '{cfg.ckpt_path}' records no preprocessing.")
-    module = module_from_checkpoint(checkpoint)
+    network = network_from_checkpoint(checkpoint)
     device = torch.device("cuda" if cfg.accelerator == "gpu" else "cpu")
     # The precision tlunet.evaluate runs the checkpoint in (by default its run's): the masks
     # written here are the ones it scores.
@@ -62,19 +64,16 @@ def checkpoint_loader(cfg: DictConfig) -> tuple[Infer, float, bool]:
         checkpoint, cfg.ckpt_path, cfg.accelerator, cfg.get("precision"), "precision"
     )
     log.info("Running the model in %s: %s", precision.precision, precision.source)
-    plugin = precision_plugin(precision.precision, device.type)
-    module = plugin.convert_module(module.to(device))
-    threshold = cfg.threshold if cfg.threshold is not None else module.threshold
+    network.to(device, ForwardPrecision(precision.precision, device.type))
+    threshold = cfg.threshold if cfg.threshold is not None else network.threshold
     transform = build_transform(pre["image_size"], pre["mean"], pre["std"])
 
-    @torch.no_grad()
     def infer(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         batch = torch.stack([transform(image=im, mask=im[..., 0])["image"] for im in images])
-        with plugin.forward_context():
-            probs, detect = module.predict_probs(plugin.convert_input(batch.to(device)))
+        probs, detect = network.probabilities(batch.to(device))
         return probs.float().cpu().numpy(), None if detect is None else detect.float().cpu().numpy()
 
-    return infer, float(threshold), bool(module.has_aux)
+    return infer, float(threshold), network.has_aux
 
 
 def predict(cfg: DictConfig) -> Path:
