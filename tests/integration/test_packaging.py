@@ -239,3 +239,19 @@ def test_wheel_installed_in_a_fresh_venv_trains_from_another_directory(tmp_path:
         [venv / "bin" / "tlunet-compare", "--help"], env=env, capture_output=True, text=True
     )
     assert helped.returncode == 0 and "EVAL_A" in helped.stdout.upper()
+
+
+def test_the_wheel_lists_every_subpackage() -> None:
+    """pyproject.toml names the packages a wheel ships one by one: a new subpackage missing
+    there works in an editable install and fails only once installed."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for init in PACKAGE.rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert found - {"tlunet.conf"} <= listed, sorted(found - listed)
